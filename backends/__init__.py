@@ -1,0 +1,1 @@
+"""Built-in velocity backends. Each module is a plugin registered through ``register_backends``."""

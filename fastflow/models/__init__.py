@@ -1,0 +1,39 @@
+"""Named models for ``fastflow run --model NAME``, registered through ``register_models``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class ModelSpec:
+    """A model the CLI can load by name and sample from.
+
+    Attributes:
+        name: what ``--model`` takes.
+        build: returns the velocity model (``(x, t, label=...) -> v``) on the CPU.
+        shape: shape of one sample, e.g. ``(3, 32, 32)``.
+        num_labels: class labels 0..num_labels-1 accepted as ``label`` (0: unconditional).
+        null_label: the label of the unconditional branch for guidance, if any.
+        default_guidance: guidance scale the CLI uses unless ``--guidance`` is given.
+        default_shift: schedule shift the CLI uses unless ``--shift`` is given.
+        key: identity for policy state files (change it when the weights change).
+        label_names: printable name of each label.
+    """
+
+    name: str
+    build: Callable[[], Any]
+    shape: tuple
+    num_labels: int = 0
+    null_label: int | None = None
+    default_guidance: float | None = None
+    default_shift: float | None = None
+    description: str = ""
+    key: str = ""
+    label_names: list[str] = field(default_factory=list)
+    is_image: bool = False
+
+    def __post_init__(self):
+        if not self.key:
+            self.key = self.name

@@ -1,0 +1,243 @@
+"""Plugin discovery and the registries of policies, backends and models.
+
+One :class:`pluggy.PluginManager`. Built-in plugins are ordinary modules registered
+through the same hooks as third-party ones; third-party distributions are found
+through the ``fastflow`` entry-point group, loaded lazily and once.
+
+``FASTFLOW_LOAD_PLUGINS`` selects which installed plugin distributions load: unset
+loads all, an empty string loads none, ``a,b`` loads only those (an unknown name
+warns). A plugin that fails to import, or raises inside a hook, is reported with its
+name on stderr and recorded in ``fastflow plugins``; the rest keeps working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import DuplicateNameError, UnknownNameError
+
+ENTRY_POINT_GROUP = "fastflow"
+
+#: Modules that make up fastflow itself; they register through the public hooks.
+BUILTIN_PLUGINS = (
+    "fastflow.policies.none",
+    "fastflow.policies.fixed",
+    "fastflow.policies.threshold",
+    "fastflow.policies.ucb",
+    "fastflow.backends.torch_backend",
+    "fastflow.models.analytic",
+)
+
+KINDS = ("policies", "backends", "models")
+SINGULAR = {"policies": "policy", "backends": "backend", "models": "model"}
+
+
+@dataclass
+class Entry:
+    """One registered thing: a policy, a backend or a model."""
+
+    kind: str
+    name: str
+    obj: Any
+    plugin: str
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    error: str | None = None
+    registers: dict = field(default_factory=lambda: {k: [] for k in (*KINDS, "commands")})
+
+
+class Plugins:
+    """The plugin manager plus the registries built from it."""
+
+    def __init__(self, *, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager("fastflow")
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self._registries: dict[str, dict[str, Entry]] = {}
+        for modname in BUILTIN_PLUGINS:
+            self._load_module(modname, builtin=True)
+        if load_entry_points:
+            self._load_entry_points()
+
+    # -- loading -----------------------------------------------------------------
+    def _warn(self, message: str) -> None:
+        print(f"fastflow: {message}", file=sys.stderr)
+
+    def _load_module(self, modname: str, *, builtin: bool, name: str | None = None,
+                     dist: str | None = None, version: str | None = None) -> None:
+        name = name or modname
+        info = PluginInfo(name=name, distribution=dist, version=version, builtin=builtin)
+        self.info[name] = info
+        try:
+            module = importlib.import_module(modname)
+        except Exception as exc:  # a broken plugin must not take fastflow down
+            info.error = f"{type(exc).__name__}: {exc}"
+            self._warn(f"plugin '{name}' failed to load: {info.error}")
+            return
+        self.pm.register(module, name=name)
+
+    def _load_entry_points(self) -> None:
+        from importlib.metadata import entry_points
+
+        wanted_env = os.environ.get("FASTFLOW_LOAD_PLUGINS")
+        wanted = None
+        if wanted_env is not None:
+            wanted = {w.strip() for w in wanted_env.split(",") if w.strip()}
+        seen: set[str] = set()
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else ep.name
+            version = ep.dist.version if ep.dist is not None else None
+            seen.add(dist)
+            if wanted is not None and dist not in wanted and ep.name not in wanted:
+                continue
+            info = PluginInfo(name=ep.name, distribution=dist, version=version)
+            if ep.name in self.info:
+                info.error = f"plugin name '{ep.name}' is already taken by {self.info[ep.name].distribution or 'fastflow'}"
+                self._warn(info.error)
+                continue
+            self.info[ep.name] = info
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                info.error = f"{type(exc).__name__}: {exc}"
+                self._warn(f"plugin '{ep.name}' (from {dist}) failed to load: {info.error}")
+                continue
+            self.pm.register(plugin, name=ep.name)
+        if wanted:
+            for name in sorted(wanted - seen - set(self.info)):
+                self._warn(f"FASTFLOW_LOAD_PLUGINS names '{name}', which is not an installed plugin")
+
+    # -- calling hooks, one implementation at a time -----------------------------
+    def _call_each(self, hook_name: str, make_kwargs: Callable[[str], dict]) -> None:
+        """Call every implementation of a hook separately, so each registration is
+        attributed to its plugin and an exception in one plugin spares the others."""
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order
+            plugin_name = impl.plugin_name
+            kwargs = make_kwargs(plugin_name)
+            try:
+                impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except DuplicateNameError:
+                raise
+            except Exception as exc:
+                info = self.info.get(plugin_name)
+                msg = f"{type(exc).__name__}: {exc}"
+                if info is not None:
+                    info.error = msg
+                self._warn(f"plugin '{plugin_name}' failed in {hook_name}: {msg}")
+
+    def registry(self, kind: str) -> dict[str, Entry]:
+        """Name → :class:`Entry` for ``kind`` in ``policies``, ``backends``, ``models``."""
+        if kind in self._registries:
+            return self._registries[kind]
+        entries: dict[str, Entry] = {}
+
+        def make_kwargs(plugin_name: str) -> dict:
+            def register(name_or_spec, obj=None, description: str = "", **extra) -> None:
+                if kind == "models":  # register(spec)
+                    spec = name_or_spec
+                    name, obj, description = spec.name, spec, description or spec.description
+                else:
+                    name = name_or_spec
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"{SINGULAR[kind]} name must be a non-empty string, got {name!r}")
+                if name in entries:
+                    other = entries[name].plugin
+                    raise DuplicateNameError(
+                        f"{SINGULAR[kind]} '{name}' is registered by two plugins: '{other}' and "
+                        f"'{plugin_name}'. Uninstall one, or select plugins with "
+                        f"FASTFLOW_LOAD_PLUGINS."
+                    )
+                entries[name] = Entry(kind, name, obj, plugin_name, description, extra)
+                info = self.info.get(plugin_name)
+                if info is not None:
+                    info.registers[kind].append(name)
+
+            return {"register": register}
+
+        self._call_each(f"register_{kind}", make_kwargs)
+        self._registries[kind] = entries
+        return entries
+
+    def get(self, kind: str, name: str) -> Entry:
+        entries = self.registry(kind)
+        if name not in entries:
+            raise UnknownNameError(SINGULAR[kind], name, entries, plural=kind)
+        return entries[name]
+
+    def add_commands(self, cli) -> None:
+        """Let plugins add click commands; record which plugin added which."""
+        hook = self.pm.hook.register_commands
+        for impl in reversed(hook.get_hookimpls()):
+            before = set(cli.commands)
+            try:
+                impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                if impl.plugin_name in self.info:
+                    self.info[impl.plugin_name].error = msg
+                self._warn(f"plugin '{impl.plugin_name}' failed in register_commands: {msg}")
+                continue
+            if impl.plugin_name in self.info:
+                self.info[impl.plugin_name].registers["commands"].extend(sorted(set(cli.commands) - before))
+
+    def describe(self) -> list[dict]:
+        """What ``fastflow plugins --json`` prints."""
+        for kind in KINDS:
+            self.registry(kind)
+        out = []
+        for info in self.info.values():
+            hooks = []
+            plugin = self.pm.get_plugin(info.name)
+            if plugin is not None:
+                hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            row = {
+                "name": info.name,
+                "distribution": info.distribution or "fastflow",
+                "version": info.version or _fastflow_version(),
+                "builtin": info.builtin,
+                "hooks": hooks,
+                "registers": info.registers,
+            }
+            if info.error:
+                row["error"] = info.error
+            out.append(row)
+        return out
+
+
+def _fastflow_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+_plugins: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    """The process-wide plugin manager, created (and entry points loaded) on first use."""
+    global _plugins
+    if _plugins is None:
+        _plugins = Plugins()
+    return _plugins
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (tests use this after changing the environment)."""
+    global _plugins
+    _plugins = None

@@ -1,0 +1,188 @@
+"""The skip-policy protocol and the options every policy shares.
+
+A :class:`Policy` lives as long as the user keeps it (its learning carries across
+samples and calls). For each sample (one batch) the engine calls
+:meth:`Policy.start`, which returns a :class:`PolicyRun`; the per-step loop then calls
+the run's methods directly:
+
+* ``decide(k, hist)`` after a computed step when step ``k`` could be skipped: how many
+  steps to skip, starting at ``k``. The engine clamps the answer to the skippable window
+  and never past the last step.
+* ``observe(k, err)`` (only when ``run.needs_error``): at the next computed step after a
+  decision made at ``k``, ``err`` is the mean squared error between the extrapolated and
+  the true velocity there — a 0-d tensor left on the device; read it in ``close``.
+* ``close(ok)`` once, when the sample ends (``ok`` is false if it failed).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .errors import OptionError
+
+
+@dataclass
+class SampleContext:
+    """What a policy may know about the sample it is about to steer."""
+
+    timesteps: list[float]  # steps + 1 times, from 1 to 0
+    model_key: str
+    schedule_key: str
+    batch_size: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps) - 1
+
+
+class History:
+    """The last two true (model-computed) velocities; mutated in place by the engine."""
+
+    __slots__ = ("k_prev", "t_prev", "v_prev", "k_cur", "t_cur", "v_cur")
+
+    def __init__(self) -> None:
+        self.k_prev = self.k_cur = -1
+        self.t_prev = self.t_cur = 0.0
+        self.v_prev = self.v_cur = None
+
+
+class PolicyRun:
+    """Per-sample decisions. The default computes every step."""
+
+    needs_error = False
+
+    def decide(self, k: int, hist: History) -> int:
+        return 0
+
+    def observe(self, k: int, err: Any) -> None:
+        pass
+
+    def close(self, ok: bool = True) -> None:
+        pass
+
+
+class Policy:
+    """Base class of skip policies.
+
+    Options common to all policies:
+
+    * ``window_start``, ``window_end`` — fractions of the schedule (by step index) outside
+      which nothing is skipped. Default 0 and 1: the whole schedule.
+    * ``warmup`` — leading steps always computed (at least 2: extrapolation needs two
+      true velocities). Default 2.
+
+    The last step of the schedule is always computed, so the final velocity is the
+    model's and every decision is followed by a true evaluation.
+    """
+
+    name = "base"
+
+    def __init__(self, *, window_start: float = 0.0, window_end: float = 1.0, warmup: int = 2):
+        self.window_start = opt_float("window_start", window_start, lo=0.0, hi=1.0)
+        self.window_end = opt_float("window_end", window_end, lo=0.0, hi=1.0)
+        if self.window_end < self.window_start:
+            raise OptionError(
+                f"window_end ({self.window_end}) must not be below window_start ({self.window_start})"
+            )
+        self.warmup = opt_int("warmup", warmup, lo=2)
+        self._skippable_cache: dict[int, list[int]] = {}
+
+    def run_lengths(self, steps: int) -> list[int]:
+        """For each step k, how many consecutive steps from k may be skipped (0: none)."""
+        cached = self._skippable_cache.get(steps)
+        if cached is not None:
+            return cached
+        lo = max(self.warmup, _ceil(self.window_start * steps))
+        hi = min(steps - 1, _ceil(self.window_end * steps))  # last step always computed
+        lengths = [0] * (steps + 1)
+        for k in range(hi - 1, lo - 1, -1):
+            lengths[k] = lengths[k + 1] + 1
+        self._skippable_cache[steps] = lengths
+        return lengths
+
+    def start(self, ctx: SampleContext) -> PolicyRun:
+        return PolicyRun()
+
+    def options(self) -> dict:
+        """The options this policy was built with (for summaries and state keys)."""
+        return {"window_start": self.window_start, "window_end": self.window_end, "warmup": self.warmup}
+
+    def save(self, path=None) -> None:
+        """Persist learned state, if the policy has any."""
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def _ceil(x: float) -> int:
+    import math
+
+    return int(math.ceil(x - 1e-9))
+
+
+# -- option parsing: accept Python values or the strings of --option KEY=VALUE -------
+
+def opt_float(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+              lo_open: bool = False) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise OptionError(f"option {name} must be a number, got {value!r}") from None
+    if out != out or (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise OptionError(f"option {name} must be in {rng}, got {value!r}")
+    return out
+
+
+def opt_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    try:
+        out = int(value) if not isinstance(value, float) or value.is_integer() else None
+        if isinstance(value, bool) or out is None:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionError(f"option {name} must be an integer, got {value!r}") from None
+    if (lo is not None and out < lo) or (hi is not None and out > hi):
+        raise OptionError(f"option {name} must be an integer in [{lo}, {hi if hi is not None else 'inf'}], got {value!r}")
+    return out
+
+
+def opt_int_list(name: str, value: Any, *, lo: int = 0) -> list[int]:
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").split(",") if p]
+    elif isinstance(value, Sequence):
+        parts = list(value)
+    else:
+        raise OptionError(f"option {name} must be a comma-separated list of integers, got {value!r}")
+    out = [opt_int(name, p, lo=lo) for p in parts]
+    if not out:
+        raise OptionError(f"option {name} must list at least one integer")
+    return out
+
+
+def opt_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise OptionError(f"option {name} must be true or false, got {value!r}")
+
+
+def accepted_options(factory) -> dict[str, Any]:
+    """Option name → default, read from the factory's signature (for help and errors)."""
+    out: dict[str, Any] = {}
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    for cls in (inspect.getmro(factory) if inspect.isclass(factory) else ()):
+        if "__init__" in vars(cls):
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+                if p.kind == p.KEYWORD_ONLY and p.name not in out:
+                    out[p.name] = p.default
+    if not inspect.isclass(factory):
+        for p in inspect.signature(target).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                out.setdefault(p.name, p.default)
+    return out

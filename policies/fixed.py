@@ -1,0 +1,63 @@
+"""``fixed``: a fixed skip schedule, or an explicit list of steps to compute."""
+
+from __future__ import annotations
+
+from fastflow.errors import OptionError
+from fastflow.hookspecs import hookimpl
+from fastflow.policy import Policy, PolicyRun, opt_int, opt_int_list
+
+
+class _FixedRun(PolicyRun):
+    __slots__ = ("plan",)
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def decide(self, k, hist):
+        return self.plan[k]
+
+
+class FixedPolicy(Policy):
+    """Skip ``skip`` steps after every computed step (after the warm-up).
+
+    Options:
+        skip: steps extrapolated between two model evaluations (default 2).
+        compute: instead of ``skip``, the step indices to compute (comma-separated);
+            every other step in the skippable window is extrapolated.
+    """
+
+    name = "fixed"
+
+    def __init__(self, *, skip: int = 2, compute=None, **common):
+        super().__init__(**common)
+        self.skip = opt_int("skip", skip, lo=0)
+        self.compute = None if compute is None else sorted(set(opt_int_list("compute", compute)))
+        self._plans: dict[int, list[int]] = {}
+
+    def _plan(self, steps: int) -> list[int]:
+        plan = self._plans.get(steps)
+        if plan is None:
+            if self.compute is None:
+                plan = [self.skip] * (steps + 1)
+            else:
+                bad = [c for c in self.compute if c >= steps]
+                if bad:
+                    raise OptionError(f"option compute lists step {bad[0]}, but the schedule has steps 0..{steps - 1}")
+                wanted = set(self.compute)
+                plan = [0] * (steps + 1)
+                for k in range(steps - 1, -1, -1):  # skip until the next listed step
+                    plan[k] = 0 if k in wanted else plan[k + 1] + 1
+            self._plans[steps] = plan
+        return plan
+
+    def start(self, ctx):
+        return _FixedRun(self._plan(ctx.steps))
+
+    def options(self):
+        extra = {"skip": self.skip} if self.compute is None else {"compute": self.compute}
+        return {**extra, **super().options()}
+
+
+@hookimpl
+def register_policies(register):
+    register("fixed", FixedPolicy, description="skip a fixed number of steps between evaluations")
