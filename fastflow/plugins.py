@@ -127,7 +127,7 @@ class Plugins:
         """Call every implementation of a hook separately, so each registration is
         attributed to its plugin and an exception in one plugin spares the others."""
         hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order
             plugin_name = impl.plugin_name
             kwargs = make_kwargs(plugin_name)
             try:
@@ -183,7 +183,7 @@ class Plugins:
     def add_commands(self, cli) -> None:
         """Let plugins add click commands; record which plugin added which."""
         hook = self.pm.hook.register_commands
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():
             before = set(cli.commands)
             try:
                 impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+import fastflow.plugins
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins(monkeypatch):
+    """Every test sees a freshly built plugin manager (environment changes take effect)."""
+    fastflow.plugins.reset_plugins()
+    yield
+    fastflow.plugins.reset_plugins()
+
+
+@pytest.fixture
+def no_entry_points(monkeypatch):
+    """Only the built-in plugins: installed third-party plugins are blocked."""
+    monkeypatch.setenv("FASTFLOW_LOAD_PLUGINS", "")
+
+
+def linear_velocity(a, b):
+    """v(x, t) = a + b·t, independent of x: the extrapolation of FastFlow is exact for it."""
+
+    def v(x, t):
+        return a + b * t.view(-1, *([1] * (x.dim() - 1)))
+
+    return v
+
+
+collect_ignore = []
+if os.environ.get("FASTFLOW_SKIP_PACKAGING"):
+    collect_ignore.append("test_packaging.py")

@@ -1,0 +1,124 @@
+"""The command line as a user types it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from fastflow.cli import cli
+
+JSON_KEYS = {"policy", "backend", "model", "steps", "samples", "nfe_mean", "nfe_full", "speedup_nfe",
+             "wall_seconds", "ms_per_eval"}
+COMPARE_KEYS = {"psnr_db", "max_abs_error", "reference_wall_seconds", "speedup_wall"}
+
+
+def invoke(*args, **kw):
+    return CliRunner().invoke(cli, list(args), **kw)
+
+
+def run_json(tmp_path, *args):
+    result = invoke("run", "--model", "gmm", "--samples", "8", "--steps", "20", "--out", str(tmp_path / "o"),
+                    "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_help_teaches():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "fastflow run --policy ucb" in result.output
+    result = invoke("run", "--help")
+    for opt in ("--model", "--backend", "--policy", "--option", "--steps", "--samples", "--batch-size",
+                "--seed", "--guidance", "--state", "--out", "--json", "--compare / --no-compare"):
+        assert opt in result.output
+
+
+def test_json_contract(tmp_path):
+    s = run_json(tmp_path, "--policy", "fixed", "--option", "skip=3")
+    assert JSON_KEYS | COMPARE_KEYS <= set(s)
+    assert s["policy"] == "fixed" and s["backend"] == "torch" and s["model"] == "gmm"
+    assert s["nfe_full"] == 20 and s["nfe_mean"] == 2 + 5  # 0,1 then 5,9,13,17 and 19
+    assert s["speedup_nfe"] == pytest.approx(20 / 7)
+    assert s["psnr_db"] > 20 and s["max_abs_error"] > 0
+    assert (tmp_path / "o" / "samples.npy").exists() and (tmp_path / "o" / "summary.json").exists()
+
+
+def test_no_compare_and_reference_identity(tmp_path):
+    s = run_json(tmp_path, "--policy", "fixed", "--no-compare")
+    assert not COMPARE_KEYS & set(s)
+    s = run_json(tmp_path, "--policy", "none")
+    assert s["nfe_mean"] == 20 and s["psnr_db"] is None and s["max_abs_error"] == 0  # identical
+
+
+def test_table_output(tmp_path):
+    result = invoke("run", "--model", "gmm", "--samples", "4", "--steps", "10", "--policy", "fixed",
+                    "--out", str(tmp_path))
+    assert result.exit_code == 0
+    assert "NFE per sample" in result.output and "PSNR vs all steps" in result.output
+
+
+def test_ucb_state_file_round_trip_through_the_cli(tmp_path):
+    state = tmp_path / "ucb.json"
+    first = run_json(tmp_path, "--policy", "ucb", "--state", str(state), "--batch-size", "2")
+    # batch 1 calibrates μ (all 20 steps), batch 2 tries arm 0 everywhere, then skipping starts
+    assert first["nfe_mean"] < 20
+    data = json.loads(state.read_text())
+    assert data["samples"] == 4 and data["mu"] > 0
+    again = run_json(tmp_path, "--policy", "ucb", "--state", str(state), "--batch-size", "2")
+    assert json.loads(state.read_text())["samples"] == 8
+    assert again["nfe_mean"] < first["nfe_mean"]  # no calibration and no arm-0 round this time
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--policy", "ubc"], "unknown policy 'ubc'. Did you mean 'ucb'? Known policies: fixed, none, threshold, ucb"),
+    (["--backend", "troch"], "unknown backend 'troch'. Did you mean 'torch'?"),
+    (["--model", "gmn"], "unknown model 'gmn'. Did you mean 'gmm'?"),
+    (["--policy", "fixed", "--option", "skip=-1"], "option skip must be an integer in [0, inf], got '-1'"),
+    (["--policy", "fixed", "--option", "skip"], "--option expects KEY=VALUE"),
+    (["--policy", "fixed", "--option", "speed=3"], "policy 'fixed' has no option speed"),
+    (["--policy", "ucb", "--option", "gamma=fast"], "option gamma must be a number"),
+    (["--label", "9"], "unknown --label '9'"),
+    (["--policy", "fixed", "--state", "s.json"], "policy 'fixed' keeps no learned state"),
+    (["--guidance", "2"], None),
+    (["--steps", "0"], "0 is not in the range x>=1"),
+])
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, no_entry_points, args, needle):
+    result = invoke("run", "--model", "gmm", "--samples", "2", "--out", str(tmp_path), *args)
+    if needle is None:  # gmm has a null label: guidance is allowed
+        assert result.exit_code == 0, result.output
+        return
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+
+
+def test_unreadable_state_file_exits_2_and_is_left_untouched(tmp_path):
+    state = tmp_path / "broken.json"
+    state.write_text("{oops")
+    result = invoke("run", "--model", "gmm", "--samples", "2", "--state", str(state), "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert str(state) in result.output and "unreadable" in result.output
+    assert state.read_text() == "{oops"
+
+
+def test_plugins_command(tmp_path):
+    result = invoke("plugins", "--json")
+    rows = json.loads(result.output)
+    ucb = next(r for r in rows if r["name"] == "fastflow.policies.ucb")
+    assert ucb["registers"]["policies"] == ["ucb"] and ucb["distribution"] == "fastflow"
+    assert "ucb" in invoke("plugins").output and "arms = '0,2,4,6'" in invoke("policies").output
+
+
+def test_the_installed_console_script(tmp_path):
+    """The `fastflow` executable, as a user types it, in a fresh process."""
+    env = dict(os.environ, FASTFLOW_LOAD_PLUGINS="")
+    exe = os.path.join(os.path.dirname(sys.executable), "fastflow")
+    proc = subprocess.run([exe, "run", "--model", "gmm", "--policy", "ucb", "--samples", "32", "--steps", "20",
+                           "--batch-size", "8", "--json", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    assert s["policy"] == "ucb" and s["nfe_mean"] < 20
+    proc = subprocess.run([exe, "run", "--policy", "nope"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "unknown policy 'nope'" in proc.stderr

@@ -1,0 +1,209 @@
+"""Skip policies: mandatory steps, windows, the UCB bandit and its state file."""
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastflow
+from fastflow.errors import OptionError, StateFileError
+from fastflow.policies.ucb import UCB1
+
+GMM = None
+
+
+def gmm():
+    global GMM
+    if GMM is None:
+        GMM = fastflow.get_model("gmm").build()
+    return GMM
+
+
+def run(policy, steps=30, batch=4, seed=0, model=None):
+    noise = torch.randn(batch, 2, generator=torch.Generator().manual_seed(seed))
+    return fastflow.sample(model or gmm(), noise, steps=steps, policy=policy, model_key="gmm-test")
+
+
+policy_strategy = st.one_of(
+    st.builds(lambda s, w: ("fixed", {"skip": s, "warmup": w}), st.integers(0, 12), st.integers(2, 6)),
+    st.builds(lambda th, m: ("threshold", {"threshold": th, "max_skip": m}),
+              st.floats(0, 5), st.integers(0, 12)),
+    st.builds(lambda arms, mu: ("ucb", {"arms": arms, "mu": mu}),
+              st.lists(st.integers(0, 15), min_size=1, max_size=4, unique=True), st.floats(0, 10)),
+    st.just(("none", {})),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=policy_strategy, steps=st.integers(1, 40), ws=st.floats(0, 1), wlen=st.floats(0, 1),
+       samples=st.integers(1, 3))
+def test_no_policy_skips_past_the_end_below_warmup_or_outside_its_window(spec, steps, ws, wlen, samples):
+    name, options = spec
+    we = min(1.0, ws + wlen)
+    pol = fastflow.get_policy(name, window_start=ws, window_end=we, **options)
+    for i in range(samples):  # learning policies change their choices between samples
+        out = run(pol, steps=steps, batch=1, seed=i)
+        assert [s.k for s in out.trace] == list(range(steps))
+        assert out.nfe == sum(s.computed for s in out.trace)
+        for s in out.trace:
+            if not s.computed:
+                assert s.k >= pol.warmup
+                assert ws * steps - 1e-9 <= s.k < we * steps + 1e-9
+        assert out.trace[-1].computed, "the last step is always computed"
+        assert all(s.computed for s in out.trace[: pol.warmup])
+
+
+def test_common_option_errors_name_the_option():
+    with pytest.raises(OptionError, match="warmup"):
+        fastflow.get_policy("fixed", warmup=1)
+    with pytest.raises(OptionError, match="window_end"):
+        fastflow.get_policy("fixed", window_start=0.6, window_end=0.2)
+    with pytest.raises(OptionError, match="skip"):
+        fastflow.get_policy("fixed", skip="lots")
+    with pytest.raises(OptionError, match="no option bogus.*skip="):
+        fastflow.get_policy("fixed", bogus=1)
+    with pytest.raises(OptionError, match="arms"):
+        fastflow.get_policy("ucb", arms="0,2,2")
+
+
+def test_fixed_compute_list():
+    out = run(fastflow.get_policy("fixed", compute="0,1,5,9"), steps=12)
+    assert [s.k for s in out.trace if s.computed] == [0, 1, 5, 9, 11]
+
+
+def test_threshold_skips_more_when_the_path_is_straight():
+    straight = run("threshold", model=lambda x, t: torch.ones_like(x))
+    bent = run(fastflow.get_policy("threshold", threshold=0.01), model=lambda x, t: x * (t.view(-1, 1) * 40).sin())
+    assert straight.nfe == 2 + math.ceil(28 / 7)  # zero change: max_skip=6 every time
+    assert bent.nfe > straight.nfe
+
+
+# -- UCB ------------------------------------------------------------------------------
+
+def test_ucb1_tries_every_arm_then_follows_the_bound():
+    b = UCB1(3, gamma=2.0)
+    for expected in (0, 1, 2):
+        arm = b.choose()
+        assert arm == expected
+        b.update(arm, [0.0, 1.0, 0.5][arm])
+    assert b.choose() == 1
+    b2 = UCB1(2, gamma=2.0)
+    b2.update(0, 1.0)
+    b2.update(0, 1.0)
+    b2.update(0, 1.0)
+    b2.update(1, 0.9)
+    # Q + 2·sqrt(ln 4 / N): arm 0 → 1 + 2·0.680 = 2.36, arm 1 → 0.9 + 2·1.177 = 3.25
+    assert b2.choose() == 1
+    assert b2.values == [1.0, 0.9] and b2.counts == [3, 1]
+
+
+def test_ucb_calibrates_mu_from_a_first_full_generation():
+    pol = fastflow.get_policy("ucb")
+    first = run(pol, steps=30)
+    assert first.nfe == 30 and pol.mu is not None and pol.mu > 0
+    # μ = max_t MSE(v̂_t, v_t) / T, recomputed here independently from a full trace
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    ts = fastflow.schedule.timesteps(30)
+    x, vs, errs = noise.clone(), [], []
+    for k in range(30):
+        v = gmm()(x, torch.full((4,), ts[k]))
+        if k >= 3:  # decisions start at step 2; the error is seen at the next evaluation
+            (tp, vp), (tc, vc) = vs[-2], vs[-1]
+            pred = vc + (ts[k] - tc) * (vc - vp) / (tc - tp)
+            errs.append(((pred - v) ** 2).mean().item())
+        vs.append((ts[k], v))
+        x = x + (ts[k + 1] - ts[k]) * v
+    assert pol.mu == pytest.approx(max(errs) / 30, rel=1e-5)
+
+
+def test_ucb_rewards_are_credited_to_the_deciding_bandit():
+    pol = fastflow.get_policy("ucb", mu=0.5, arms="0,3")
+    out = run(pol, steps=12)
+    decided = [s.k + 1 for s in out.trace if s.decision is not None]
+    counts = [sum(b.counts) for b in pol.bandits]
+    assert [k for k, c in enumerate(counts) if c] == decided
+    # each consulted bandit tried its first arm (0), so nothing was skipped in sample 1
+    assert out.nfe == 12
+    out2 = run(pol, steps=12, seed=1)
+    assert out2.nfe < 12  # second sample: untried arm 3 is chosen first
+    for b in pol.bandits:
+        if sum(b.counts):
+            assert all(c <= 1 for c in b.counts)
+
+
+def test_ucb_learning_carries_across_calls():
+    pol = fastflow.get_policy("ucb", mu=1.0)
+    first = run(pol, steps=20)
+    nfes = [run(pol, steps=20, seed=i).nfe for i in range(1, 8)]
+    assert pol.samples == 8
+    assert min(nfes) < first.nfe
+
+
+def test_ucb_refuses_another_schedule():
+    pol = fastflow.get_policy("ucb", mu=1.0)
+    run(pol, steps=20)
+    with pytest.raises(OptionError, match="fresh policy"):
+        run(pol, steps=25)
+
+
+# -- state files ----------------------------------------------------------------------
+
+def test_state_round_trip(tmp_path):
+    path = tmp_path / "ucb.json"
+    pol = fastflow.get_policy("ucb", state=str(path))
+    for i in range(4):
+        run(pol, steps=20, seed=i)
+    pol.save()
+    data = json.loads(path.read_text())
+    assert data["format"] == "fastflow.policy-state" and data["version"] == 1
+    assert data["key"]["steps"] == 20 and data["key"]["model"] == "gmm-test"
+    again = fastflow.get_policy("ucb", state=str(path))
+    run_a = run(pol, steps=20, seed=10)
+    run_b = run(again, steps=20, seed=10)
+    assert run_a.nfe == run_b.nfe and [s.computed for s in run_a.trace] == [s.computed for s in run_b.trace]
+    assert again.mu == pol.mu and again.samples == pol.samples
+    assert not list(tmp_path.glob(".*tmp")), "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "unreadable"),
+    ('{"hello": 1}', "not a fastflow policy state file"),
+    ('{"format": "fastflow.policy-state", "version": 99, "policy": "ucb"}', "version 99"),
+    ('{"format": "fastflow.policy-state", "version": 1, "policy": "egreedy"}', "belongs to policy 'egreedy'"),
+])
+def test_bad_state_files_are_errors_and_left_untouched(tmp_path, content, match):
+    path = tmp_path / "state.json"
+    path.write_text(content)
+    with pytest.raises(StateFileError, match=match) as err:
+        fastflow.get_policy("ucb", state=str(path))
+    assert str(path) in str(err.value)
+    assert path.read_text() == content
+
+
+def test_state_for_another_model_or_schedule_is_refused(tmp_path):
+    path = tmp_path / "s.json"
+    pol = fastflow.get_policy("ucb", state=str(path))
+    run(pol, steps=20)
+    pol.save()
+    saved = path.read_text()
+    other = fastflow.get_policy("ucb", state=str(path))
+    with pytest.raises(StateFileError, match="learned for"):
+        run(other, steps=30)
+    with pytest.raises(StateFileError, match="arms"):
+        fastflow.get_policy("ucb", state=str(path), arms="0,1")
+    assert path.read_text() == saved
+
+
+def test_damaged_bandit_tables_are_refused(tmp_path):
+    path = tmp_path / "s.json"
+    pol = fastflow.get_policy("ucb", state=str(path))
+    run(pol, steps=10)
+    pol.save()
+    data = json.loads(path.read_text())
+    data["bandits"] = data["bandits"][:3]
+    path.write_text(json.dumps(data))
+    with pytest.raises(StateFileError, match="damaged"):
+        run(fastflow.get_policy("ucb", state=str(path)), steps=10)
