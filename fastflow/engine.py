@@ -190,6 +190,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     run = policy.start(ctx)
     needs_error = run.needs_error
     decide, observe = run.decide, run.observe
+    record = run.record if run.wants_velocities else None
 
     x = noise.clone()
     hist = History()
@@ -207,6 +208,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             nfe += 1
             sums.append(v.sum())
             computed_steps.append(k)
+            if record is not None:
+                record(k, v)
             if pending >= 0:
                 # error of the extrapolation at this step: v − v_k − c·(v_k − v_p)
                 c = (t - hist.t_cur) / (hist.t_cur - hist.t_prev)

@@ -11,6 +11,8 @@ the run's methods directly:
 * ``observe(k, err)`` (only when ``run.needs_error``): at the next computed step after a
   decision made at ``k``, ``err`` is the mean squared error between the extrapolated and
   the true velocity there — a 0-d tensor left on the device; read it in ``close``.
+* ``record(k, v)`` (only when ``run.wants_velocities``): every computed velocity, left on
+  the device (used by calibration runs that look at the whole trajectory).
 * ``close(ok)`` once, when the sample ends (``ok`` is false if it failed).
 """
 
@@ -52,11 +54,15 @@ class PolicyRun:
     """Per-sample decisions. The default computes every step."""
 
     needs_error = False
+    wants_velocities = False
 
     def decide(self, k: int, hist: History) -> int:
         return 0
 
     def observe(self, k: int, err: Any) -> None:
+        pass
+
+    def record(self, k: int, v: Any) -> None:
         pass
 
     def close(self, ok: bool = True) -> None:

@@ -33,6 +33,7 @@ policy_strategy = st.one_of(
               st.floats(0, 5), st.integers(0, 12)),
     st.builds(lambda arms, mu: ("ucb", {"arms": arms, "mu": mu}),
               st.lists(st.integers(0, 15), min_size=1, max_size=4, unique=True), st.floats(0, 10)),
+    st.builds(lambda n, m: ("planned", {"nfe": n, "max_skip": m}), st.integers(1, 40), st.integers(1, 10)),
     st.just(("none", {})),
 )
 
@@ -207,3 +208,63 @@ def test_damaged_bandit_tables_are_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(StateFileError, match="damaged"):
         run(fastflow.get_policy("ucb", state=str(path)), steps=10)
+
+
+# -- planned ------------------------------------------------------------------------
+
+def _plan_cost(costs, computed):
+    total = 0.0
+    for p, c, n in zip(computed, computed[1:], computed[2:]):
+        if n - c - 1:
+            total += costs[(p, c, n - c - 1)]
+    return total
+
+
+def test_planned_dp_finds_the_cheapest_plan_by_brute_force():
+    import itertools
+
+    from fastflow.policies.planned import run_costs, solve_plan
+
+    steps, max_skip, nfe = 11, 4, 6
+    gen = torch.Generator().manual_seed(3)
+    vs = [torch.randn(2, 3, generator=gen) for _ in range(steps)]
+    ts = fastflow.schedule.timesteps(steps)
+    costs = run_costs(vs, ts, max_skip)
+    room = fastflow.get_policy("none").run_lengths(steps)
+    plan = solve_plan(costs, steps, room, 2, nfe, max_skip)
+    assert len(plan) == nfe and plan[:2] == [0, 1] and plan[-1] == steps - 1
+    best = min(
+        (_plan_cost(costs, [0, 1, *mid, steps - 1]), [0, 1, *mid, steps - 1])
+        for mid in itertools.combinations(range(2, steps - 1), nfe - 3)
+        if all(b - a - 1 <= max_skip for a, b in zip([1, *mid], [*mid, steps - 1]))
+    )
+    assert _plan_cost(costs, plan) == pytest.approx(best[0])
+
+
+def test_planned_hits_its_budget_and_beats_fixed_at_equal_nfe():
+    from fastflow.metrics import psnr
+
+    model = gmm()
+    label = torch.full((32,), 8)  # the unconditional mixture: bent paths
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
+    ref = fastflow.sample(model, noise, steps=50, policy="none", label=label).x
+    pol = fastflow.get_policy("planned", nfe=18)
+    first = fastflow.sample(model, torch.randn(32, 2), steps=50, policy=pol, label=label)
+    assert first.nfe == 50  # calibration
+    planned = fastflow.sample(model, noise, steps=50, policy=pol, label=label)
+    fixed = fastflow.sample(model, noise, steps=50, policy="fixed", label=label)
+    assert planned.nfe == fixed.nfe == 18
+    assert [s.k for s in planned.trace if s.computed] == pol.computed
+    assert psnr(planned.x, ref) > psnr(fixed.x, ref)
+
+
+def test_planned_state_round_trip(tmp_path):
+    path = tmp_path / "plan.json"
+    pol = fastflow.get_policy("planned", nfe=8, state=str(path))
+    run(pol, steps=20)
+    pol.save()
+    again = fastflow.get_policy("planned", nfe=8, state=str(path))
+    out = run(again, steps=20, seed=3)
+    assert out.nfe == 8 and [s.k for s in out.trace if s.computed] == pol.computed
+    with pytest.raises(StateFileError, match="holds a plan for"):
+        run(fastflow.get_policy("planned", nfe=9, state=str(path)), steps=20)

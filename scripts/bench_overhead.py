@@ -1,0 +1,89 @@
+"""How much does the engine and each policy cost per step, against one model evaluation?
+
+    python scripts/bench_overhead.py [--model NAME] [--batch 16] [--steps 50]
+
+The loop is timed with a null model (it returns a precomputed velocity of the real
+shape), so what remains is the engine's own per-step work: the Euler update, the
+extrapolation, and the policy's bookkeeping. The real model's cost per evaluation is
+measured in the same process, interleaved. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import fastflow
+
+
+def median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="registered model name (default: the CLI's default)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+
+    from fastflow.cli import DEFAULT_MODEL
+
+    spec = fastflow.get_model(args.model or DEFAULT_MODEL)
+    model = spec.build()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((args.batch, *spec.shape), generator=gen)
+    cond = {"label": torch.arange(args.batch) % max(spec.num_labels, 1)} if spec.num_labels else {}
+    with torch.inference_mode():
+        v0 = model(x, torch.ones(args.batch), **cond)
+    null_model = lambda x, t, **c: v0  # noqa: E731
+
+    # Same skip pattern for all three (two skipped after each evaluation), so the
+    # difference to `fixed` is the policy's bookkeeping alone.
+    policies = {
+        "fixed (skip=2)": fastflow.get_policy("fixed", skip=2),
+        "ucb (arms=2)": fastflow.get_policy("ucb", arms="2"),
+        "threshold (max_skip=2)": fastflow.get_policy("threshold", threshold=1e9, max_skip=2),
+    }
+    for pol in policies.values():  # warm up; ucb calibrates on its first sample
+        for _ in range(3):
+            fastflow.sample(null_model, x, steps=args.steps, policy=pol, **cond)
+
+    def eval_once():
+        with torch.inference_mode():
+            model(x, torch.full((args.batch,), 0.5), **cond)
+
+    eval_once()
+    rows = []
+    eval_ms = []
+    for name, pol in policies.items():
+        eval_ms.append(1000 * median_time(eval_once, args.repeat))
+        res = fastflow.sample(null_model, x, steps=args.steps, policy=pol, **cond)
+        loop = median_time(lambda: fastflow.sample(null_model, x, steps=args.steps, policy=pol, **cond), args.repeat)
+        rows.append((name, res.nfe, 1e6 * loop / args.steps))
+    eval_ms = statistics.median(eval_ms)
+    base = rows[0][2]
+    assert len({nfe for _, nfe, _ in rows}) == 1, rows  # same pattern
+    print(f"model `{spec.name}`, batch {args.batch}, {args.steps} steps, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"one model evaluation: {eval_ms:.3f} ms (median of {args.repeat * len(policies)})\n")
+    print("| policy | NFE | engine µs/step (null model) | bookkeeping µs/step over `fixed` | bookkeeping / one evaluation |")
+    print("|---|---|---|---|---|")
+    for name, nfe, us in rows:
+        extra = us - base
+        print(f"| {name} | {nfe} | {us:.1f} | {extra:+.1f} | {100 * extra / 1000 / eval_ms:.3f} % |")
+
+
+if __name__ == "__main__":
+    main()
