@@ -74,6 +74,8 @@ DEFAULT_MODEL = "gmm"
               help="Policy option, repeatable: e.g. --option arms=0,2,4 --option gamma=1.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
               help="Steps of the Euler schedule.")
+@click.option("--solver", default="euler", show_default=True, type=click.Choice(["euler", "unipc", "dpm++"]),
+              help="Base ODE solver; unipc and dpm++ are diffusers' multistep schedulers in flow mode.")
 @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
               help="FLUX/SD3 schedule shift (default: the model's, else uniform).")
 @click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
@@ -92,7 +94,7 @@ DEFAULT_MODEL = "gmm"
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Also run the same seeds with every step computed and report the difference.")
-def run(model_name, backend, policy, options, steps, shift, samples, batch_size, seed, labels,
+def run(model_name, backend, policy, options, steps, solver, shift, samples, batch_size, seed, labels,
         guidance, state_path, out_dir, as_json, compare):
     """Generate samples with a skip policy and report NFE, speed-up and fidelity.
 
@@ -108,7 +110,7 @@ def run(model_name, backend, policy, options, steps, shift, samples, batch_size,
     """
     try:
         summary = _run(model_name or DEFAULT_MODEL, backend, policy, _parse_options(options), steps,
-                       shift, samples, batch_size, seed, labels, guidance, state_path, out_dir,
+                       solver, shift, samples, batch_size, seed, labels, guidance, state_path, out_dir,
                        compare, quiet=as_json)
     except FastFlowError as exc:
         _fail(exc)
@@ -137,7 +139,7 @@ def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | 
     return [pool[i % len(pool)] for i in range(samples)]
 
 
-def _run(model_name, backend_name, policy_name, options, steps, shift, samples, batch_size, seed,
+def _run(model_name, backend_name, policy_name, options, steps, solver, shift, samples, batch_size, seed,
          labels, guidance, state_path, out_dir, compare, quiet):
     import fastflow
     from .metrics import max_abs_error, psnr
@@ -183,7 +185,7 @@ def _run(model_name, backend_name, policy_name, options, steps, shift, samples, 
                 if guidance is not None:
                     kwargs = {"guidance": guidance, "uncond": {"label": torch.full_like(lab, spec.null_label)}}
                 res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
-                                      shift=shift, model_key=spec.key, **kwargs, **cond)
+                                      shift=shift, solver=solver, model_key=spec.key, **kwargs, **cond)
                 outputs[name].append(res.x)
                 nfe[name].append(res.nfe)
                 wall[name] += res.wall_seconds
@@ -201,6 +203,7 @@ def _run(model_name, backend_name, policy_name, options, steps, shift, samples, 
         "backend": backend_name,
         "model": spec.name,
         "steps": steps,
+        "solver": solver,
         "shift": shift,
         "samples": samples,
         "batch_size": batch_size,

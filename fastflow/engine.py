@@ -108,6 +108,7 @@ def sample(
     uncond: dict | None = None,
     model_key: str | None = None,
     policy_options: dict | None = None,
+    solver: str = "euler",
     **conditioning: Any,
 ) -> SampleResult:
     """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0), skipping steps.
@@ -127,6 +128,9 @@ def sample(
             ``conditioning``).
         model_key: identifies the model in policy state files (default: the class name).
         policy_options: options for a policy given by name.
+        solver: the base ODE solver: ``"euler"`` (default), or the multistep solvers
+            ``"unipc"`` and ``"dpm++"`` (diffusers' schedulers in flow-matching mode; needs
+            ``pip install diffusers``). Skipped steps feed them the extrapolated velocity.
         **conditioning: passed to the model at every evaluation (e.g. ``label=...``).
 
     Returns:
@@ -152,16 +156,16 @@ def sample(
     else:
         velocity = fn
 
-    ts = make_timesteps(steps, shift)
+    stepper, ts = make_solver(solver, steps, shift, noise.device)
     ctx = SampleContext(
         timesteps=ts,
         model_key=model_key or _model_key(model),
-        schedule_key=f"euler/steps={steps}/shift={shift if shift is not None else 1.0}",
+        schedule_key=f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}",
         batch_size=int(noise.shape[0]),
     )
     started = time.perf_counter()
     with torch.inference_mode():
-        x, nfe, trace = _integrate(velocity, noise, ts, pol, ctx)
+        x, nfe, trace = _integrate(velocity, noise, ts, pol, ctx, stepper)
     if noise.device.type == "cuda":
         torch.cuda.synchronize(noise.device)
     wall = time.perf_counter() - started
@@ -179,7 +183,46 @@ def _model_key(model: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext):
+SOLVERS = ("euler", "unipc", "dpm++")
+
+
+def make_solver(name: str, steps: int, shift: float | None, device):
+    """(stepper, timesteps) for a base solver. Euler returns no stepper: the loop does
+    its update in place. A multistep solver is a fresh diffusers scheduler in flow mode,
+    stepped as ``x = stepper(v, k, x)``; its sigmas are the time grid."""
+    if name == "euler":
+        return None, make_timesteps(steps, shift)
+    if name not in SOLVERS:
+        from .errors import UnknownNameError
+
+        raise UnknownNameError("solver", name, SOLVERS)
+    if not isinstance(steps, int) or steps < 1:
+        raise OptionError(f"steps must be a positive integer, got {steps!r}")
+    try:
+        from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"solver '{name}' uses diffusers' schedulers: pip install 'fastflow[diffusers]'") from None
+    common = dict(num_train_timesteps=1000, use_flow_sigmas=True, prediction_type="flow_prediction",
+                  flow_shift=float(shift) if shift else 1.0)
+    if name == "unipc":
+        sched = UniPCMultistepScheduler(**common)
+    else:
+        sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+    sched.set_timesteps(steps, device=device)
+    ts = [float(s) for s in sched.sigmas]
+    ts[-1] = 0.0
+    grid = sched.timesteps
+
+    def stepper(v, k, x):
+        return sched.step(v, grid[k], x, return_dict=False)[0]
+
+    return stepper, ts
+
+
+def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None):
     """The per-step loop. Returns (x, nfe, trace)."""
     import torch
 
@@ -218,7 +261,10 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                 pending = -1
             hist.k_prev, hist.t_prev, hist.v_prev = hist.k_cur, hist.t_cur, hist.v_cur
             hist.k_cur, hist.t_cur, hist.v_cur = k, t, v
-            x.add_(v, alpha=ts[k + 1] - t)
+            if stepper is None:
+                x.add_(v, alpha=ts[k + 1] - t)
+            else:
+                x = stepper(v, k, x)
             k += 1
             decision = None
             room = run_lengths[k]
@@ -232,8 +278,11 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                     slope = (hist.v_cur - hist.v_prev).div_(hist.t_cur - hist.t_prev)
                     for _ in range(n):
                         tk, h = ts[k], ts[k + 1] - ts[k]
-                        # x += h·v̂(t_k) with v̂(t) = v_cur + (t − t_cur)·slope
-                        x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (tk - hist.t_cur))
+                        if stepper is None:
+                            # x += h·v̂(t_k) with v̂(t) = v_cur + (t − t_cur)·slope
+                            x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (tk - hist.t_cur))
+                        else:
+                            x = stepper(torch.add(hist.v_cur, slope, alpha=tk - hist.t_cur), k, x)
                         trace.append(Step(k, tk, False, None))
                         k += 1
                     continue

@@ -163,3 +163,23 @@ def test_an_nn_module_works_and_runs_without_grad():
 
     out = fastflow.sample(Wrapped(), torch.ones(3, 2), steps=6, policy="none")
     assert not out.x.requires_grad and out.x.shape == (3, 2)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm++"])
+def test_multistep_base_solvers(solver):
+    pytest.importorskip("diffusers")
+    c = torch.tensor([[0.3, -1.7]], dtype=torch.float32)
+    noise = torch.tensor([[2.0, 5.0]])
+    for policy in ("none", "fixed"):
+        out = fastflow.sample(lambda x, t: c.expand_as(x), noise, steps=12, policy=policy, solver=solver)
+        assert torch.allclose(out.x, noise - c, atol=2e-3)  # constant velocity: exact endpoint
+    assert out.nfe < 12
+    gmm = fastflow.get_model("gmm").build()
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    label = torch.full((8,), 8)
+    exact = fastflow.sample(gmm, noise, steps=400, policy="none", label=label).x
+    euler = fastflow.sample(gmm, noise, steps=10, policy="none", label=label).x
+    multi = fastflow.sample(gmm, noise, steps=10, policy="none", label=label, solver=solver).x
+    assert (multi - exact).abs().max() < (euler - exact).abs().max()  # higher order wins
+    with pytest.raises(fastflow.UnknownNameError, match="solver 'rk9'"):
+        fastflow.sample(gmm, noise, steps=10, policy="none", solver="rk9")
