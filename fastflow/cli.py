@@ -23,7 +23,30 @@ def _fail(exc: Exception):
     raise UsageFailure(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginGroup(click.Group):
+    """The top-level group: commands that plugins register (built-in ones too, such
+    as ``bench`` and ``export``) are added on the first lookup of a name not yet known."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            from .plugins import get_plugins
+
+            get_plugins().add_commands(self)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands:
+            self._load_plugin_commands()
+        return super().get_command(ctx, name)
+
+    def list_commands(self, ctx):
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastflow")
 def cli():
     """fastflow: fewer model evaluations for flow-matching samplers.
@@ -324,13 +347,6 @@ def policies():
 
 
 def main(argv=None):
-    from .plugins import get_plugins
-
-    try:
-        get_plugins().add_commands(cli)
-    except FastFlowError as exc:  # e.g. two plugins with the same name
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
     try:
         cli.main(args=argv, prog_name="fastflow")
     except FastFlowError as exc:

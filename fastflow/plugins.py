@@ -33,7 +33,12 @@ BUILTIN_PLUGINS = (
     "fastflow.policies.ucb",
     "fastflow.policies.planned",
     "fastflow.backends.torch_backend",
+    "fastflow.backends.onnxruntime_backend",
+    "fastflow.backends.tensorrt_backend",
     "fastflow.models.analytic",
+    "fastflow.models.glyphs",
+    "fastflow.bench",
+    "fastflow.export",
 )
 
 KINDS = ("policies", "backends", "models")

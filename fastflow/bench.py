@@ -1,0 +1,461 @@
+"""``fastflow bench``: quality against cost for every method, on the same seeds, in one run.
+
+Every method generates the same samples (same noise, labels and guidance). Quality is
+measured against the full-step Euler output (PSNR, SSIM) and against a high-accuracy
+ODE solution (PSNR), plus class accuracy and a Fréchet distance in the evaluator's
+feature space when the model has an evaluator (the glyph demo model). Cost is model
+evaluations per sample (NFE; fractional for caches that skip part of the network) and
+wall seconds, both also as ratios to the full run measured in the same process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from .hookspecs import hookimpl
+
+
+@dataclass
+class Ctx:
+    spec: object
+    model: object
+    noise: object  # (N, ...)
+    labels: object  # (N,) or None
+    guidance: float | None
+    steps: int
+    batch_size: int
+    warm_noise: object  # separate seeds for warm-up / calibration
+    warm_labels: object
+    progress: Callable[[str], None] = print
+
+    def batches(self, noise=None, labels=None):
+        noise = self.noise if noise is None else noise
+        labels = self.labels if labels is None else labels
+        for lo in range(0, noise.shape[0], self.batch_size):
+            hi = min(lo + self.batch_size, noise.shape[0])
+            yield noise[lo:hi], (None if labels is None else labels[lo:hi])
+
+    def sample_kwargs(self, labels):
+        import torch
+
+        if labels is None:
+            return {}
+        kw = {"label": labels}
+        if self.guidance is not None:
+            kw.update(guidance=self.guidance, uncond={"label": torch.full_like(labels, self.spec.null_label)})
+        return kw
+
+
+@dataclass
+class Method:
+    name: str
+    family: str
+    setting: str
+    run: Callable  # ctx -> (x, nfe_per_sample, wall, extra dict)
+    warm: str = ""  # how learning/calibration was done, for the table
+
+
+@dataclass
+class Row:
+    method: str
+    family: str
+    setting: str
+    nfe: float
+    wall_seconds: float
+    extra: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+# -- methods -----------------------------------------------------------------------
+
+def _sample_all(ctx: Ctx, policy, steps=None, solver="euler", noise=None, labels=None, per_batch=None):
+    import torch
+
+    import fastflow
+
+    xs, nfes, wall = [], [], 0.0
+    for xb, lb in ctx.batches(noise, labels):
+        res = fastflow.sample(ctx.model, xb, steps=steps or ctx.steps, policy=policy, solver=solver,
+                              model_key=ctx.spec.key, **ctx.sample_kwargs(lb))
+        xs.append(res.x)
+        nfes += [res.nfe] * xb.shape[0]
+        wall += res.wall_seconds
+        if per_batch is not None:
+            per_batch.append((res.nfe, res.x))
+    return torch.cat(xs), sum(nfes) / len(nfes), wall
+
+
+def euler(steps: int) -> Method:
+    return Method(f"euler-{steps}", "euler", f"{steps} steps",
+                  lambda ctx: (*_sample_all(ctx, "none", steps=steps), {}))
+
+
+def multistep(solver: str, steps: int) -> Method:
+    return Method(f"{solver}-{steps}", solver, f"{steps} steps",
+                  lambda ctx: (*_sample_all(ctx, "none", steps=steps, solver=solver), {}))
+
+
+def policy_method(name: str, family: str, setting: str, make, *, warm: bool, solver: str = "euler",
+                  warm_batches: int = 1) -> Method:
+    """A fastflow policy. warm: learn on the separate warm-up seeds first (not timed);
+    cold: a fresh policy learns on the measured samples themselves (counted)."""
+
+    def run(ctx):
+        import fastflow
+
+        policy = make()
+        if warm:
+            n = min(ctx.warm_noise.shape[0], warm_batches * ctx.batch_size)
+            _sample_all(ctx, policy, solver=solver, noise=ctx.warm_noise[:n], labels=_head(ctx.warm_labels, n))
+        curve = []
+        x, nfe, wall = _sample_all(ctx, policy, solver=solver, per_batch=curve)
+        extra = {"curve_nfe": [c[0] for c in curve]}
+        if hasattr(policy, "computed") and policy.computed:
+            extra["computed_steps"] = policy.computed
+        extra["_curve_x"] = [c[1] for c in curve]
+        return x, nfe, wall, extra
+
+    how = f"learned on {warm_batches} batch(es) of separate seeds" if warm else "fresh; learning counted"
+    return Method(name, family, setting, run, warm=how)
+
+
+def _head(t, n):
+    return None if t is None else t[:n]
+
+
+def cache_method(method: str, setting: dict, label: str) -> Method:
+    def run(ctx):
+        from .baselines import run_cached
+
+        xs, nfes, wall, calls = [], [], 0.0, []
+        calib = (ctx.warm_noise[: ctx.batch_size], _head(ctx.warm_labels, ctx.batch_size))
+        for xb, lb in ctx.batches():
+            res = run_cached(ctx.model, xb, lb, method=method, setting=setting, steps=ctx.steps,
+                             guidance=ctx.guidance, null_label=ctx.spec.null_label, calibration=calib)
+            xs.append(res.x)
+            nfes += [res.nfe] * xb.shape[0]
+            calls += [res.calls] * xb.shape[0]
+            wall += res.wall_seconds
+        import torch
+
+        return torch.cat(xs), sum(nfes) / len(nfes), wall, {"calls": sum(calls) / len(calls)}
+
+    return Method(f"{method}-{label}", method, json.dumps(setting), run,
+                  warm="calibrated on separate seeds" if method == "magcache" else "")
+
+
+def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: set[str] | None) -> list[Method]:
+    import fastflow
+
+    s = ctx_steps
+    budgets = [max(3, round(s / r)) for r in ((2.0, 2.65, 3.5, 5.0) if not quick else (2.65,))]
+    methods: list[Method] = [euler(s)]
+    methods += [euler(b) for b in budgets]
+    for solver in ("unipc", "dpm++"):
+        methods += [multistep(solver, b) for b in budgets]
+    for k in ((1, 2, 3, 4) if not quick else (2,)):
+        methods.append(policy_method(f"fixed-{k}", "fixed", f"skip={k}",
+                                     lambda k=k: fastflow.get_policy("fixed", skip=k), warm=False))
+    for th in ((0.05, 0.1, 0.2, 0.4) if not quick else (0.1,)):
+        methods.append(policy_method(f"threshold-{th}", "threshold", f"threshold={th}",
+                                     lambda th=th: fastflow.get_policy("threshold", threshold=th), warm=False))
+    methods.append(policy_method("ucb-cold", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"), warm=False))
+    methods.append(policy_method("ucb-warm", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"),
+                                 warm=True, warm_batches=2 if quick else 16))
+    methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[0] if quick else budgets[1]}",
+                                 lambda b=(budgets[0] if quick else budgets[1]): fastflow.get_policy("planned", nfe=b),
+                                 warm=False))
+    for b in budgets:
+        methods.append(policy_method(f"planned-{b}", "planned", f"nfe={b}",
+                                     lambda b=b: fastflow.get_policy("planned", nfe=b), warm=True))
+        methods.append(policy_method(f"unipc+planned-{b}", "unipc+planned", f"nfe={b}",
+                                     lambda b=b: fastflow.get_policy("planned", nfe=b), warm=True, solver="unipc"))
+    if has_transformer:
+        try:
+            from .baselines import default_settings
+
+            for method, setting, label in default_settings(quick):
+                methods.append(cache_method(method, setting, label))
+        except ImportError:
+            pass
+    if selected:
+        methods = [m for m in methods if m.name == f"euler-{s}" or m.name in selected or m.family in selected]
+    return methods
+
+
+# -- metrics -----------------------------------------------------------------------
+
+PSNR_CAP_DB = 100.0  # identical outputs would be +inf; JSON has no inf
+
+
+def _psnr_per_sample(a, b, data_range):
+    import torch
+
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-30))).clamp_max(PSNR_CAP_DB).tolist()
+
+
+def _quality(x, ref, ode, ctx: Ctx, evaluator) -> dict:
+    import statistics
+
+    rng = 2.0 if ctx.spec.is_image else float(ref.max() - ref.min())
+    out = {
+        "psnr_full_db": statistics.mean(_psnr_per_sample(x, ref, rng)),
+        "psnr_ode_db": statistics.mean(_psnr_per_sample(x, ode, rng)),
+    }
+    if ctx.spec.is_image:
+        from .demo.metrics import ssim
+
+        out["ssim_full"] = float(ssim(x, ref))
+    if evaluator is not None:
+        out.update(evaluator(x))
+    return out
+
+
+def _make_evaluator(ctx: Ctx, quick: bool):
+    if ctx.spec.name != "glyphs" and not str(ctx.spec.key).startswith("glyphs"):
+        return None
+    from .demo.glyphs import make_dataset, to_tensor
+    from .demo.metrics import class_accuracy, features, frechet_distance
+
+    real, _ = make_dataset(256 if quick else 2048, seed=987_654)
+    real_feats = features(to_tensor(real))
+
+    def evaluate(x):
+        return {"class_accuracy": float(class_accuracy(x, ctx.labels)),
+                "fid_feature": float(frechet_distance(features(x), real_feats))}
+
+    return evaluate
+
+
+def _ode_reference(ctx: Ctx, cache_dir: Path, steps: int):
+    """High-accuracy solution: UniPC with many steps, computed once per (model, seeds)."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update(str((ctx.spec.key, ctx.guidance, steps, tuple(ctx.noise.shape))).encode())
+    h.update(ctx.noise.numpy().tobytes())
+    if ctx.labels is not None:
+        h.update(ctx.labels.numpy().tobytes())
+    path = cache_dir / f"ode-{h.hexdigest()[:20]}.pt"
+    if path.exists():
+        return torch.load(path), True
+    x, _, _ = _sample_all(ctx, "none", steps=steps, solver="unipc")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(x, tmp)
+    os.replace(tmp, path)
+    return x, False
+
+
+# -- the run -----------------------------------------------------------------------
+
+def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, seed: int, methods: set | None,
+              quick: bool, out_dir: Path, ode_steps: int, cache_dir: Path, guidance=None, progress=print) -> dict:
+    import torch
+
+    import fastflow
+
+    torch.manual_seed(seed)
+    spec = fastflow.get_model(model_name)
+    model = spec.build()
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((samples, *spec.shape), generator=gen)
+    warm_n = batch_size * (2 if quick else 16)
+    warm_noise = torch.randn((warm_n, *spec.shape), generator=torch.Generator().manual_seed(seed + 1_000_003))
+    labels = warm_labels = None
+    if spec.num_labels:
+        labels = torch.arange(samples) % spec.num_labels
+        warm_labels = torch.arange(warm_n) % spec.num_labels
+    guidance = spec.default_guidance if guidance is None else guidance
+    ctx = Ctx(spec, model, noise, labels, guidance, steps, batch_size, warm_noise, warm_labels, progress)
+    has_transformer = hasattr(model, "transformer")
+    todo = method_list(steps, quick, has_transformer, methods)
+
+    # one untimed batch first, so lazy initialisation is not billed to the first method
+    _sample_all(ctx, "none", steps=2, noise=noise[:batch_size], labels=_head(labels, batch_size))
+    progress(f"high-accuracy reference: UniPC, {ode_steps} steps")
+    ode, cached = _ode_reference(ctx, cache_dir, ode_steps)
+    evaluator = _make_evaluator(ctx, quick)
+    rows: list[Row] = []
+    ref = None
+    ref_wall = None
+    curves = {}
+    for i, m in enumerate(todo):
+        progress(f"[{i + 1}/{len(todo)}] {m.name}")
+        t0 = time.perf_counter()
+        x, nfe, wall, extra = m.run(ctx)
+        if ref is None:
+            ref, ref_wall = x, wall
+        curve_x = extra.pop("_curve_x", None)
+        if curve_x is not None and m.name in ("ucb-cold", "planned-cold"):
+            rng = 2.0 if spec.is_image else float(ref.max() - ref.min())
+            lo = 0
+            psnrs = []
+            for xb in curve_x:
+                hi = lo + xb.shape[0]
+                vals = _psnr_per_sample(xb, ref[lo:hi], rng)
+                psnrs.append(sum(vals) / len(vals))
+                lo = hi
+            curves[m.name] = {"nfe": extra["curve_nfe"], "psnr_full_db": psnrs}
+        extra.pop("curve_nfe", None)
+        row = Row(m.name, m.family, m.setting, nfe, wall, extra)
+        row.metrics = _quality(x, ref, ode, ctx, evaluator)
+        row.extra["warm"] = m.warm
+        row.extra["elapsed_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+
+    table = []
+    for r in rows:
+        table.append({
+            "method": r.method, "family": r.family, "setting": r.setting, "nfe": r.nfe,
+            "speedup_nfe": steps / r.nfe if r.nfe else None,
+            "wall_seconds": r.wall_seconds, "speedup_wall": ref_wall / r.wall_seconds if r.wall_seconds else None,
+            **r.metrics, "warm": r.extra.get("warm", ""),
+            **{k: v for k, v in r.extra.items() if k not in ("warm", "elapsed_seconds")},
+        })
+    result = {
+        "model": spec.name, "model_key": spec.key, "steps": steps, "samples": samples, "batch_size": batch_size,
+        "seed": seed, "guidance": guidance, "ode_reference": f"unipc-{ode_steps}", "ode_cached": cached,
+        "machine": _machine(), "rows": table, "curves": curves,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=1))
+    _write_csv(out_dir / "bench.csv", table)
+    _plots(result, out_dir)
+    return result
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def _write_csv(path: Path, table: list[dict]) -> None:
+    keys = []
+    for row in table:
+        keys += [k for k in row if k not in keys and not isinstance(row[k], (list, dict))]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for row in table:
+            w.writerow(row)
+
+
+def _plots(result: dict, out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    families = sorted({r["family"] for r in result["rows"]})
+    markers = "os^vD<>pPX*h"
+    for i, fam in enumerate(families):
+        rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["nfe"])
+        for ax, key in zip(axes, ("psnr_full_db", "psnr_ode_db")):
+            ys = [min(r[key], 80.0) for r in rows]
+            ax.plot([r["nfe"] for r in rows], ys, marker=markers[i % len(markers)], label=fam,
+                    linestyle="-" if len(rows) > 1 else "none")
+    for ax, title in zip(axes, ("PSNR vs full-step Euler output (dB)", "PSNR vs high-accuracy ODE solution (dB)")):
+        ax.set_xlabel("model evaluations per sample (NFE)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{result['model']}: quality against cost, {result['samples']} samples, {result['steps']}-step schedule")
+    fig.tight_layout()
+    fig.savefig(out_dir / "pareto.png", dpi=110)
+    plt.close(fig)
+    if result["curves"]:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, c in result["curves"].items():
+            a1.plot(range(1, len(c["nfe"]) + 1), c["nfe"], marker="o", label=name)
+            a2.plot(range(1, len(c["psnr_full_db"]) + 1), [min(p, 80.0) for p in c["psnr_full_db"]], marker="o", label=name)
+        a1.set_title("NFE per batch, fresh state")
+        a2.set_title("PSNR vs full-step output per batch (dB)")
+        for a in (a1, a2):
+            a.set_xlabel("batch")
+            a.grid(alpha=0.3)
+            a.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "learning.png", dpi=110)
+        plt.close(fig)
+
+
+def format_table(result: dict) -> str:
+    cols = [("method", "{}"), ("nfe", "{:.2f}"), ("speedup_nfe", "{:.2f}x"), ("speedup_wall", "{:.2f}x"),
+            ("psnr_full_db", "{:.2f}"), ("ssim_full", "{:.4f}"), ("psnr_ode_db", "{:.2f}"),
+            ("class_accuracy", "{:.3f}"), ("fid_feature", "{:.3f}")]
+    cols = [(c, f) for c, f in cols if any(c in r for r in result["rows"])]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        cells = []
+        for c, f in cols:
+            v = r.get(c)
+            cells.append("—" if v is None else (f.format(v) if not (isinstance(v, float) and math.isinf(v)) else "inf"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    @click.option("--model", "model_name", default=None, help="Registered model (default: the run default).")
+    @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=1))
+    @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=4),
+                  help="Steps of the full schedule every method is compared with.")
+    @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+    @click.option("--seed", default=0, show_default=True, type=int)
+    @click.option("--methods", default=None, metavar="A,B",
+                  help="Only these methods or families (e.g. euler,unipc,ucb,planned,fbcache).")
+    @click.option("--quick", is_flag=True, help="Few settings per method (with --samples 8: seconds).")
+    @click.option("--ode-steps", default=200, show_default=True, type=click.IntRange(min=10),
+                  help="UniPC steps of the high-accuracy reference (cached).")
+    @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False))
+    @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+                  help="Where the high-accuracy reference is cached (default: ~/.cache/fastflow).")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
+    def bench(model_name, samples, steps, batch_size, seed, methods, quick, ode_steps, out_dir, cache_dir, as_json):
+        """Compare every method on the same seeds: NFE, wall time, fidelity, accuracy.
+
+        \b
+        Writes bench.json, bench.csv, pareto.png and learning.png under --out.
+        Examples:
+          fastflow bench                          # the full sweep (minutes on a CPU)
+          fastflow bench --quick --samples 16     # a smoke run
+          fastflow bench --methods euler,ucb,planned --samples 64
+        """
+        from .cli import DEFAULT_MODEL, UsageFailure
+        from .errors import FastFlowError
+
+        selected = {m.strip() for m in methods.split(",") if m.strip()} if methods else None
+        err = click.echo if not as_json else (lambda msg: click.echo(msg, err=True))
+        try:
+            result = run_bench(model_name=model_name or DEFAULT_MODEL, samples=samples, steps=steps,
+                               batch_size=batch_size, seed=seed, methods=selected, quick=quick,
+                               out_dir=Path(out_dir), ode_steps=ode_steps,
+                               cache_dir=Path(cache_dir or os.path.expanduser("~/.cache/fastflow")),
+                               progress=lambda m: click.echo(m, err=True))
+        except FastFlowError as exc:
+            raise UsageFailure(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            err(format_table(result))
+            err(f"\nwrote {out_dir}/bench.json, bench.csv, pareto.png, learning.png")

@@ -1,0 +1,47 @@
+"""`fastflow bench` quick mode end to end: structure, exact NFE, files."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fastflow.cli import cli
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = CliRunner().invoke(cli, ["bench", "--model", "gmm", "--quick", "--samples", "16", "--batch-size", "4",
+                                      "--steps", "20", "--ode-steps", "60", "--out", str(out),
+                                      "--cache-dir", str(out / "cache"), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+def test_table_structure_and_files(quick):
+    result, out = quick
+    rows = {r["method"]: r for r in result["rows"]}
+    assert result["rows"][0]["method"] == "euler-20"  # the reference comes first
+    for name in ("euler-8", "unipc-8", "dpm++-8", "fixed-2", "threshold-0.1", "ucb-cold", "ucb-warm",
+                 "planned-cold", "planned-8", "unipc+planned-8"):
+        assert name in rows, name
+    for r in result["rows"]:
+        for key in ("nfe", "speedup_nfe", "wall_seconds", "speedup_wall", "psnr_full_db", "psnr_ode_db"):
+            assert isinstance(r[key], float), (r["method"], key)
+    for f in ("bench.json", "bench.csv", "pareto.png", "learning.png"):
+        assert (out / f).stat().st_size > 0, f
+    with open(out / "bench.csv") as fh:
+        assert [r["method"] for r in csv.DictReader(fh)] == [r["method"] for r in result["rows"]]
+
+
+def test_nfe_figures_are_exact(quick):
+    result, _ = quick
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["euler-20"]["nfe"] == 20 and rows["euler-20"]["psnr_full_db"] == 100.0  # identical (capped)
+    assert rows["euler-8"]["nfe"] == 8 and rows["unipc-8"]["nfe"] == 8
+    assert rows["fixed-2"]["nfe"] == 8  # 0,1 then 4,7,10,13,16 and 19
+    assert rows["planned-8"]["nfe"] == 8 and rows["unipc+planned-8"]["nfe"] == 8
+    # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
+    assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
+    assert result["curves"]["ucb-cold"]["nfe"][0] == 20 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
