@@ -138,7 +138,13 @@ def cache_method(method: str, setting: dict, label: str) -> Method:
         from .baselines import run_cached
 
         xs, nfes, wall, calls = [], [], 0.0, []
-        calib = (ctx.warm_noise[: ctx.batch_size], _head(ctx.warm_labels, ctx.batch_size))
+        calib = None
+        if method == "magcache":  # once per setting, on separate seeds, not timed
+            from .baselines import calibrate_magcache
+
+            calib = calibrate_magcache(ctx.model, ctx.warm_noise[: ctx.batch_size],
+                                       _head(ctx.warm_labels, ctx.batch_size), steps=ctx.steps,
+                                       guidance=ctx.guidance, null_label=ctx.spec.null_label)
         for xb, lb in ctx.batches():
             res = run_cached(ctx.model, xb, lb, method=method, setting=setting, steps=ctx.steps,
                              guidance=ctx.guidance, null_label=ctx.spec.null_label, calibration=calib)
@@ -223,19 +229,10 @@ def _quality(x, ref, ode, ctx: Ctx, evaluator) -> dict:
 
 
 def _make_evaluator(ctx: Ctx, quick: bool):
-    if ctx.spec.name != "glyphs" and not str(ctx.spec.key).startswith("glyphs"):
+    """The model's own independent evaluator (class accuracy, feature FID), if any."""
+    if ctx.spec.evaluate is None or ctx.labels is None:
         return None
-    from .demo.glyphs import make_dataset, to_tensor
-    from .demo.metrics import class_accuracy, features, frechet_distance
-
-    real, _ = make_dataset(256 if quick else 2048, seed=987_654)
-    real_feats = features(to_tensor(real))
-
-    def evaluate(x):
-        return {"class_accuracy": float(class_accuracy(x, ctx.labels)),
-                "fid_feature": float(frechet_distance(features(x), real_feats))}
-
-    return evaluate
+    return lambda x: ctx.spec.evaluate(x, ctx.labels)
 
 
 def _ode_reference(ctx: Ctx, cache_dir: Path, steps: int):

@@ -101,8 +101,8 @@ DEFAULT_MODEL = "gmm"
               help="Base ODE solver; unipc and dpm++ are diffusers' multistep schedulers in flow mode.")
 @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
               help="FLUX/SD3 schedule shift (default: the model's, else uniform).")
-@click.option("--samples", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Number of samples to generate.")
+@click.option("--samples", default=None, type=click.IntRange(min=1),
+              help="Number of samples to generate (default: 64; with --edit: one per --label).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Samples per model call; the policy decides once per batch.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise.")
@@ -117,8 +117,12 @@ DEFAULT_MODEL = "gmm"
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Also run the same seeds with every step computed and report the difference.")
+@click.option("--edit", "edit_path", default=None, type=click.Path(dir_okay=False),
+              help="Edit this image (PNG/JPEG of the model's size) into --label (SDEdit).")
+@click.option("--strength", default=0.6, show_default=True, type=float,
+              help="With --edit: how far to noise the image, in (0, 1]; 1 ignores it entirely.")
 def run(model_name, backend, policy, options, steps, solver, shift, samples, batch_size, seed, labels,
-        guidance, state_path, out_dir, as_json, compare):
+        guidance, state_path, out_dir, as_json, compare, edit_path, strength):
     """Generate samples with a skip policy and report NFE, speed-up and fidelity.
 
     \b
@@ -134,7 +138,7 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     try:
         summary = _run(model_name or DEFAULT_MODEL, backend, policy, _parse_options(options), steps,
                        solver, shift, samples, batch_size, seed, labels, guidance, state_path, out_dir,
-                       compare, quiet=as_json)
+                       compare, quiet=as_json, edit_path=edit_path, strength=strength)
     except FastFlowError as exc:
         _fail(exc)
     if as_json:
@@ -163,11 +167,20 @@ def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | 
 
 
 def _run(model_name, backend_name, policy_name, options, steps, solver, shift, samples, batch_size, seed,
-         labels, guidance, state_path, out_dir, compare, quiet):
+         labels, guidance, state_path, out_dir, compare, quiet, edit_path=None, strength=0.6):
     import fastflow
     from .metrics import max_abs_error, psnr
 
     spec = fastflow.get_model(model_name)
+    edit = None
+    if edit_path is not None:
+        if not labels:
+            raise UsageFailure("--edit needs --label: the class to edit the image into")
+        if not 0 < strength <= 1:
+            raise UsageFailure(f"--strength must be in (0, 1], got {strength}")
+        edit = _read_image(edit_path, spec)
+        samples = samples or len(labels)
+    samples = samples or 64
     if state_path is not None:
         options = {**options, "state": state_path}
     try:
@@ -185,7 +198,10 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
 
     import torch
 
-    model = spec.build()
+    try:
+        model = spec.build()
+    except (OSError, ValueError) as exc:  # e.g. missing or damaged weights
+        raise UsageFailure(f"cannot load model '{spec.name}': {exc}") from None
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)
     batches = [(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
@@ -204,9 +220,9 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 if label_list is not None:
                     lab = torch.tensor(label_list[lo:hi])
                     cond["label"] = lab
-                kwargs = {}
+                kwargs = {} if edit is None else {"init": edit.expand(hi - lo, *spec.shape), "strength": strength}
                 if guidance is not None:
-                    kwargs = {"guidance": guidance, "uncond": {"label": torch.full_like(lab, spec.null_label)}}
+                    kwargs.update(guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
                 res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
                                       shift=shift, solver=solver, model_key=spec.key, **kwargs, **cond)
                 outputs[name].append(res.x)
@@ -241,6 +257,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_tensor(out / "samples.npy", x)
+    ref = None
     if compare:
         ref = torch.cat(outputs["reference"])
         _save_tensor(out / "reference.npy", ref)
@@ -251,11 +268,66 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
             "reference_wall_seconds": wall["reference"],
             "speedup_wall": wall["reference"] / wall["policy"] if wall["policy"] > 0 else None,
         })
+    if spec.is_image:
+        summary.update(_image_outputs(spec, x, ref if compare else None, label_list, out, edit))
     if state_path is not None:
         summary["state"] = str(state_path)
     summary["out"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _read_image(path: str, spec):
+    """An image file as a (1, C, H, W) tensor in [-1, 1]; exit 2 naming the file if it
+    is missing, unreadable or not the model's size."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            arr = np.asarray(im, dtype=np.float32)
+    except FileNotFoundError:
+        raise UsageFailure(f"--edit image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageFailure(f"--edit image {path} is not a readable image ({exc})") from None
+    c, h, w = spec.shape
+    if arr.shape != (h, w, c):
+        raise UsageFailure(f"--edit image {path} is {arr.shape[1]}x{arr.shape[0]}; model '{spec.name}' "
+                           f"needs {w}x{h} RGB")
+    import torch
+
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+
+
+def _image_outputs(spec, x, ref, label_list, out: Path, edit) -> dict:
+    """PNG grid (accelerated rows above reference rows) and the evaluator's metrics."""
+    import torch
+
+    from .demo.metrics import save_image_grid
+
+    cols = min(12, x.shape[0])
+    shown = x[:cols * 3]
+    if ref is not None:
+        rows = []
+        for lo in range(0, shown.shape[0], cols):
+            rows += [x[lo:lo + cols], ref[lo:lo + cols]]
+        shown = torch.cat(rows)
+    save_image_grid(shown, str(out / "grid.png"), nrow=cols)
+    result = {"grid": str(out / "grid.png")}
+    if edit is not None:
+        save_image_grid(edit, str(out / "before.png"), nrow=1)
+        save_image_grid(x, str(out / "after.png"), nrow=cols)
+        if ref is not None:
+            save_image_grid(ref, str(out / "after_reference.png"), nrow=cols)
+    if spec.evaluate is not None and label_list is not None:
+        labels = torch.tensor(label_list)
+        metrics = spec.evaluate(x, labels)
+        result["class_accuracy"] = metrics.get("class_accuracy")
+        result["fid_feature"] = metrics.get("fid_feature")
+        if ref is not None:
+            result["class_accuracy_reference"] = spec.evaluate(ref, labels).get("class_accuracy")
+    return result
 
 
 def _warm_up(model, x, spec, label_list, backend) -> None:
@@ -310,6 +382,10 @@ def _print_summary(s: dict) -> None:
             ("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB"),
             ("max abs error", f"{s['max_abs_error']:.3g}"),
         ]
+    if s.get("class_accuracy") is not None:
+        rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
+            f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")))
+        rows.append(("feature FID", f"{s['fid_feature']:.3f}"))
     rows.append(("outputs", s["out"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -109,6 +109,8 @@ def sample(
     model_key: str | None = None,
     policy_options: dict | None = None,
     solver: str = "euler",
+    init: Any = None,
+    strength: float | None = None,
     **conditioning: Any,
 ) -> SampleResult:
     """Integrate the flow ODE from ``noise`` (t = 1) to data (t = 0), skipping steps.
@@ -131,6 +133,9 @@ def sample(
         solver: the base ODE solver: ``"euler"`` (default), or the multistep solvers
             ``"unipc"`` and ``"dpm++"`` (diffusers' schedulers in flow-matching mode; needs
             ``pip install diffusers``). Skipped steps feed them the extrapolated velocity.
+        init, strength: editing (SDEdit): start from ``init`` (data, same shape as the
+            noise) noised to time ≈ ``strength`` in (0, 1], and run the last
+            ``round(steps·strength)`` steps of the schedule.
         **conditioning: passed to the model at every evaluation (e.g. ``label=...``).
 
     Returns:
@@ -157,10 +162,13 @@ def sample(
         velocity = fn
 
     stepper, ts = make_solver(solver, steps, shift, noise.device)
+    if strength is not None or init is not None:
+        ts, noise = _edit_start(ts, noise, init, strength, solver)
     ctx = SampleContext(
         timesteps=ts,
         model_key=model_key or _model_key(model),
-        schedule_key=f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}",
+        schedule_key=f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}"
+        + (f"/strength={strength}" if strength is not None else ""),
         batch_size=int(noise.shape[0]),
     )
     started = time.perf_counter()
@@ -173,6 +181,22 @@ def sample(
         x=x, nfe=nfe, trace=trace, timesteps=ts, wall_seconds=wall,
         policy=getattr(pol, "name", type(pol).__name__), backend=getattr(be, "name", str(be)),
     )
+
+
+def _edit_start(ts, noise, init, strength, solver):
+    if init is None or strength is None:
+        raise OptionError("editing needs both init (the image) and strength")
+    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        raise OptionError(f"strength must be in (0, 1], got {strength!r}")
+    if solver != "euler":
+        raise OptionError(f"editing runs on the euler solver, not '{solver}'")
+    if tuple(init.shape) != tuple(noise.shape):
+        raise OptionError(f"init has shape {tuple(init.shape)}, the noise {tuple(noise.shape)}; they must match")
+    steps = len(ts) - 1
+    n = max(1, round(steps * strength))
+    ts = ts[steps - n:]
+    t0 = ts[0]
+    return ts, noise * t0 + init.to(noise) * (1.0 - t0)
 
 
 def _model_key(model: Any) -> str:

@@ -183,3 +183,17 @@ def test_multistep_base_solvers(solver):
     assert (multi - exact).abs().max() < (euler - exact).abs().max()  # higher order wins
     with pytest.raises(fastflow.UnknownNameError, match="solver 'rk9'"):
         fastflow.sample(gmm, noise, steps=10, policy="none", solver="rk9")
+
+
+def test_editing_starts_from_the_noised_image():
+    img = torch.full((2, 3), 0.5, dtype=torch.float64)
+    noise = torch.randn(2, 3, dtype=torch.float64)
+    # the exact velocity of a point-mass target at img: v = noise − img (constant on the path)
+    out = fastflow.sample(lambda x, t: noise - img, noise, steps=20, policy="fixed", init=img, strength=0.4)
+    assert len(out.trace) == 8 and out.trace[0].t == pytest.approx(0.4)
+    assert torch.allclose(out.x, img, atol=1e-12)
+    for bad in (0, 1.5):
+        with pytest.raises(OptionError, match="strength must be in"):
+            fastflow.sample(lambda x, t: -x, noise, steps=20, policy="none", init=img, strength=bad)
+    with pytest.raises(OptionError, match="shape"):
+        fastflow.sample(lambda x, t: -x, noise, steps=20, policy="none", init=img[:1], strength=0.5)

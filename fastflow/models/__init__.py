@@ -20,6 +20,9 @@ class ModelSpec:
         default_shift: schedule shift the CLI uses unless ``--shift`` is given.
         key: identity for policy state files (change it when the weights change).
         label_names: printable name of each label.
+        is_image: samples are images in [-1, 1] (PNG outputs, PSNR with range 2).
+        evaluate: optional ``(samples, labels) -> dict`` of quality metrics (e.g.
+            ``class_accuracy``, ``fid_feature``) from an independent evaluator.
     """
 
     name: str
@@ -33,6 +36,7 @@ class ModelSpec:
     key: str = ""
     label_names: list[str] = field(default_factory=list)
     is_image: bool = False
+    evaluate: Callable[[Any, Any], dict] | None = None
 
     def __post_init__(self):
         if not self.key:

@@ -4,6 +4,7 @@ trained here on rendered 32×32 glyphs (0-9, A-Z). See docs/demo-model.md."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from fastflow.hookspecs import hookimpl
@@ -35,11 +36,36 @@ def glyph_spec(directory: str | None = None, name: str = "glyphs") -> ModelSpec:
         return load_glyph_flow(directory)
 
     key = f"glyphs-{weights_key(directory)}" if os.path.isdir(directory) else "glyphs-missing"
+    guidance = 3.0
+    config = os.path.join(directory, "glyph_flow.json")
+    if os.path.isfile(config):
+        try:
+            with open(config) as fh:
+                guidance = float(json.load(fh).get("default_guidance", guidance))
+        except (OSError, ValueError, TypeError):
+            pass  # load_glyph_flow reports a damaged directory when the model is built
     return ModelSpec(
         name=name, build=build, shape=(3, 32, 32), num_labels=36, null_label=36,
-        default_guidance=3.0, description="class-conditional FLUX-family transformer on 32x32 glyphs (embedded)",
-        key=key, label_names=list(CHARS), is_image=True,
+        default_guidance=guidance, description="class-conditional FLUX-family transformer on 32x32 glyphs (embedded)",
+        key=key, label_names=list(CHARS), is_image=True, evaluate=evaluate_glyphs,
     )
+
+
+_REAL_FEATURES = None
+
+
+def evaluate_glyphs(samples, labels) -> dict:
+    """Class accuracy of the shipped classifier on ``samples`` (vs the requested
+    ``labels``) and the Fréchet distance of its features to 1024 real held-out glyphs."""
+    global _REAL_FEATURES
+    from fastflow.demo.glyphs import EVAL_SEED, make_dataset, to_tensor
+    from fastflow.demo.metrics import class_accuracy, features, frechet_distance
+
+    if _REAL_FEATURES is None:
+        real, _ = make_dataset(1024, seed=EVAL_SEED)
+        _REAL_FEATURES = features(to_tensor(real))
+    return {"class_accuracy": float(class_accuracy(samples, labels)),
+            "fid_feature": float(frechet_distance(features(samples), _REAL_FEATURES))}
 
 
 @hookimpl
