@@ -19,7 +19,7 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "sample", "get_policy", "get_backend", "get_model", "hookimpl", "Policy", "PolicyRun",
+    "sample", "get_policy", "get_backend", "get_model", "enable", "disable", "hookimpl", "Policy", "PolicyRun",
     "FastFlowError", "OptionError", "UnknownNameError", "__version__",
 ]
 
@@ -69,6 +69,27 @@ def sample(model, noise, **kwargs):  # noqa: D103 (documented in engine)
     from .engine import sample as _sample
 
     return _sample(model, noise, **kwargs)
+
+
+def enable(pipe, policy: Any = "ucb", **options):
+    """Accelerate a diffusers pipeline in place; returns a handle (``.summary()``).
+
+    >>> handle = fastflow.enable(pipe, policy="ucb")       # doctest: +SKIP
+    >>> image = pipe("a cat", num_inference_steps=50).images[0]   # doctest: +SKIP
+    >>> print(handle.summary())                            # doctest: +SKIP
+
+    See :func:`fastflow.diffusers_hook.enable` and docs/diffusers.md.
+    """
+    from .diffusers_hook import enable as _enable
+
+    return _enable(pipe, policy, **options)
+
+
+def disable(pipe):
+    """Remove fastflow from a pipeline; it is exactly as before :func:`enable`."""
+    from .diffusers_hook import disable as _disable
+
+    return _disable(pipe)
 
 
 def __getattr__(name: str):

@@ -1,0 +1,982 @@
+"""Plug-and-play FastFlow for diffusers pipelines: ``fastflow.enable(pipe, policy=...)``.
+
+The pipeline keeps its own scheduler loop. A :class:`diffusers.hooks.ModelHook` on the
+denoiser (``pipe.transformer``, ``pipe.transformer_2`` where present, or ``pipe.unet``)
+decides at every call whether to run the network or to return the extrapolated output
+
+    v̂(t) = v_k + (t − t_k) · (v_k − v_p) / (t_k − t_p)
+
+from the last two **true** outputs of the same branch (the engine's estimator, on the
+scheduler's sigma axis, in the denoiser's output space). The step index comes from the
+scheduler (``step_index`` / ``begin_index``), the time axis from ``scheduler.sigmas``:
+read once per pipeline call, so the hook adds no device→host transfer per step.
+
+Branches (the conditional and unconditional passes of classifier-free guidance) keep
+separate histories, keyed by diffusers' ``cache_context`` name when the pipeline sets
+one, else by call order within the step; one decision covers every branch of a step,
+so the scheduler always sees a consistent step. Per-call state is reset between
+pipeline calls; the policy object (and what it learned) is kept.
+
+Only this module imports torch and diffusers; ``import fastflow`` stays light, and the
+helpers the CLI needs before it knows it has a pipeline (:func:`is_pipeline_dir`) import
+nothing heavy.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .engine import Step
+from .errors import FastFlowError, OptionError
+from .policy import History, SampleContext
+
+HOOK_NAME = "fastflow"
+DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
+
+__all__ = [
+    "enable", "disable", "get_handle", "FastFlowHandle", "PipelineCall", "run_pipeline",
+    "is_pipeline_dir", "looks_like_pipeline", "HOOK_NAME",
+]
+
+
+# -- records -----------------------------------------------------------------------
+
+@dataclass
+class PipelineCall:
+    """What the hook did during one pipeline call."""
+
+    index: int
+    steps: int  # steps of the pipeline's schedule (from its start index, e.g. img2img strength)
+    nfe: int  # steps whose denoiser outputs were computed (all branches of a step count once)
+    denoiser_calls: int  # denoiser forward passes actually run (cond and uncond count apart)
+    skipped: int  # steps whose outputs were extrapolated
+    trace: list  # fastflow.engine.Step(k, t, computed, decision) per step
+    timesteps: list[float]  # the sigmas of the schedule, steps + 1 values
+    branches: list[str]  # history keys seen ("cond", "uncond", or "#0", "#1" by call order)
+    complete: bool  # the call reached its last step
+    policy: str = ""
+    wall_seconds: float = 0.0  # first denoiser call to the end of the last step
+    fallback_calls: int = 0  # branch calls computed inside a skipped step (no history yet)
+    note: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.steps / self.nfe if self.nfe else float("nan")
+
+    def as_dict(self, trace: bool = True) -> dict:
+        out = {
+            "index": self.index, "steps": self.steps, "nfe": self.nfe,
+            "denoiser_calls": self.denoiser_calls, "skipped": self.skipped,
+            "speedup_nfe": self.speedup if self.nfe else None, "complete": self.complete,
+            "branches": list(self.branches), "policy": self.policy,
+            "wall_seconds": self.wall_seconds, "fallback_calls": self.fallback_calls,
+        }
+        if self.note:
+            out["note"] = self.note
+        if trace:
+            out["timesteps"] = list(self.timesteps)
+            out["trace"] = [
+                {"k": s.k, "t": s.t, "computed": s.computed, "decision": s.decision} for s in self.trace
+            ]
+        return out
+
+
+class _Call:
+    """Per-pipeline-call state (dropped at the end of the call, with its tensors)."""
+
+    def __init__(self, sched, sigmas_ref, sig: list[float], start: int, verified: bool):
+        self.sched = sched
+        self.sigmas_ref = sigmas_ref
+        self.sig = sig
+        self.start = start
+        self.verified = verified
+        self.ts: list[float] = []
+        self.T = 0
+        self.room: list[int] = []
+        self.run = None
+        self.cur_k = -1
+        self.max_k = -1
+        self.step_skipped = False
+        self.prev_computed = False
+        self.skip_until = -1
+        self.hists: dict[str, History] = {}
+        self.templates: dict[str, Any] = {}
+        self.order: list[str] = []  # branch keys in first-seen order
+        self.step_names: dict = {}
+        self.step_calls = 0
+        self.calls_per_step = 0  # branch calls of step 0: when the last step has as many, the call ends
+        self.pending = -1
+        self.err_sum = None
+        self.err_n = 0
+        self.trace: list = []
+        self.nfe = 0
+        self.denoiser_calls = 0
+        self.fallback_calls = 0
+        self.batch_size = 0
+        self.device = None
+        self.started = time.perf_counter()
+        self.ended = None
+        self.closed = False
+        self.passthrough = False  # schedule not understood: compute everything
+        self.note = ""
+        self.record: PipelineCall | None = None
+
+    def set_start(self, start: int, policy) -> None:
+        self.start = start
+        self.ts = self.sig[start:]
+        self.T = len(self.ts) - 1
+        self.room = policy.run_lengths(self.T) if self.T >= 1 else [0]
+
+
+# -- the controller (the handle users hold) ------------------------------------------
+
+class FastFlowHandle:
+    """Returned by :func:`enable`. Holds the policy, the per-call records and the hooks.
+
+    * ``handle.policy`` — the policy object (its learning carries over between calls).
+    * ``handle.calls`` — one :class:`PipelineCall` per finished pipeline call.
+    * ``handle.summary()`` — a printable report; ``handle.to_dict()`` — the same as a dict.
+    * ``handle.save(path=None)`` — persist the policy's learning (``ucb``).
+    * ``handle.remove()`` — same as :func:`disable` on the pipeline.
+    """
+
+    def __init__(self, pipe, policy, denoisers: dict, *, model_key: str | None,
+                 schedule_key: str | None, autosave: bool):
+        try:
+            self._pipe_ref = weakref.ref(pipe)
+        except TypeError:  # not weak-referenceable: keep it alive
+            self._pipe_ref = lambda p=pipe: p
+        self.policy = policy
+        self.policy_name = getattr(policy, "name", type(policy).__name__)
+        self.denoiser_names = list(denoisers)
+        self._denoisers = denoisers  # name -> module
+        self._restore: dict[str, tuple[bool, bool]] = {}
+        self.model_key = model_key or _model_key(pipe, next(iter(denoisers.values())))
+        self._schedule_key = schedule_key
+        self.autosave = autosave
+        self.calls: list[PipelineCall] = []
+        self.active = True
+        self._call: _Call | None = None
+        self._pending_call = None
+        self._warned: set[str] = set()
+
+    # -- public ----------------------------------------------------------------------
+    @property
+    def pipeline(self):
+        return self._pipe_ref()
+
+    @property
+    def last(self) -> PipelineCall | None:
+        self._settle()
+        return self.calls[-1] if self.calls else None
+
+    def to_dict(self, trace: bool = True) -> dict:
+        """Per-call steps, evaluations, skipped steps (and traces) plus their means."""
+        self._settle()
+        calls = [c.as_dict(trace=trace) for c in self.calls]
+        done = [c for c in self.calls if c.complete]
+        nfe_mean = sum(c.nfe for c in done) / len(done) if done else None
+        steps_mean = sum(c.steps for c in done) / len(done) if done else None
+        return {
+            "policy": self.policy_name,
+            "policy_options": _jsonable(self.policy.options()) if hasattr(self.policy, "options") else {},
+            "model_key": self.model_key,
+            "denoisers": list(self.denoiser_names),
+            "active": self.active,
+            "pipeline_calls": len(self.calls),
+            "nfe_mean": nfe_mean,
+            "steps_mean": steps_mean,
+            "speedup_nfe": (steps_mean / nfe_mean) if nfe_mean else None,
+            "calls": calls,
+        }
+
+    def summary(self, trace: bool = True) -> str:
+        """A report per pipeline call: steps, model evaluations, skipped steps, the trace."""
+        d = self.to_dict(trace=False)
+        lines = [f"fastflow on {', '.join(d['denoisers'])} with policy {d['policy']} "
+                 f"({len(self.calls)} pipeline call{'s' if len(self.calls) != 1 else ''})"]
+        for c in self.calls:
+            sp = f"{c.steps / c.nfe:.2f}x" if c.nfe else "n/a"
+            lines.append(
+                f"  call {c.index}: {c.steps} steps, {c.nfe} evaluated, {c.skipped} skipped "
+                f"({sp}), {c.denoiser_calls} denoiser calls, branches {'/'.join(c.branches) or '-'}"
+                + ("" if c.complete else ", incomplete") + (f" [{c.note}]" if c.note else "")
+            )
+            if trace and c.trace:
+                marks = "".join("#" if s.computed else "." for s in c.trace)
+                lines.append(f"    trace  {marks}   (# computed, . extrapolated)")
+        if d["nfe_mean"] is not None:
+            lines.append(f"  mean: {d['nfe_mean']:.2f} evaluations of {d['steps_mean']:.2f} steps "
+                         f"({d['speedup_nfe']:.2f}x fewer)")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def __repr__(self) -> str:
+        return (f"<FastFlowHandle policy={self.policy_name} denoisers={self.denoiser_names} "
+                f"calls={len(self.calls)} active={self.active}>")
+
+    def save(self, path=None) -> None:
+        """Persist the policy's learned state (``ucb``: to ``state=`` or ``path``)."""
+        self._settle()
+        self.policy.save(path)
+
+    def reset(self) -> None:
+        """Forget the call records (the policy keeps what it learned)."""
+        self._settle()
+        self.calls.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks; the pipeline is exactly as it was before :func:`enable`."""
+        if not self.active:
+            return
+        if self._call is not None:
+            self._finish_call(self._call, complete=self._reached_end(self._call))
+        self._call = None
+        for name, module in self._denoisers.items():
+            _remove_hook(module, *self._restore.get(name, (True, True)))
+        self.active = False
+
+    # -- called by the hooks ---------------------------------------------------------
+    # The hook calls _before, then (unless it returned an output) the denoiser, then
+    # _after. Both run eagerly even when the denoiser is compiled as a whole
+    # (torch.compiler.disable), so the decision never enters a compiled graph.
+    def _before(self, hook):
+        """None: run the denoiser. Otherwise the extrapolated output to return instead."""
+        self._pending_call = None
+        if not self.active:
+            return None
+        c, k = self._locate()
+        if k < 0:  # no usable schedule, or past the end of a closed call: just run it
+            self._pending_call = (c, -1, None, None)
+            return None
+        name = hook.context_name()
+        if k != c.cur_k:
+            # the step's first branch steers the decision (two experts, as in Wan 2.2,
+            # keep apart histories: after a switch the new one computes two steps first)
+            self._enter_step(c, k, hook.tag + (name if name is not None else "#0"))
+        n = c.step_names.get(name, 0)
+        c.step_names[name] = n + 1
+        key = hook.tag + (name if (name is not None and n == 0) else f"{name or ''}#{n}")
+        h = c.hists.get(key)
+        if h is None:
+            h = c.hists[key] = History()
+            c.order.append(key)
+        c.step_calls += 1
+        if c.step_skipped and h.v_prev is not None and h.k_cur < k:
+            # v̂(t) = v_cur + (t − t_cur)·(v_cur − v_prev)/(t_cur − t_prev) = lerp(v_prev, v_cur, 1 + c)
+            coef = 1.0 + (c.ts[k] - h.t_cur) / (h.t_cur - h.t_prev)
+            return _rebuild(c.templates[key], _torch().lerp(h.v_prev, h.v_cur, coef))
+        self._pending_call = (c, k, key, h)
+        return None
+
+    def _after(self, out):
+        """Record a computed output (and the extrapolation error the policy waits for)."""
+        pending, self._pending_call = self._pending_call, None
+        if pending is None:
+            return out
+        c, k, key, h = pending
+        if c is None:
+            return out
+        c.denoiser_calls += 1
+        if k < 0:
+            if c.closed and c.record is not None:
+                c.record.denoiser_calls += 1
+            return out
+        v = _main_tensor(out)
+        t = c.ts[k]
+        if c.step_skipped:
+            c.fallback_calls += 1  # a branch with no history yet: computed, the step stays "skipped"
+        elif c.pending >= 0 and h.v_prev is not None:
+            coef = 1.0 + (t - h.t_cur) / (h.t_cur - h.t_prev)
+            torch = _torch()
+            e = torch.sub(v, torch.lerp(h.v_prev, h.v_cur, coef)).float().square().mean()
+            c.err_sum = e if c.err_sum is None else c.err_sum + e
+            c.err_n += 1
+        if not c.batch_size:
+            c.batch_size = int(v.shape[0]) if getattr(v, "dim", lambda: 0)() else 1
+            c.device = v.device
+        h.k_prev, h.t_prev, h.v_prev = h.k_cur, h.t_cur, h.v_cur
+        h.k_cur, h.t_cur, h.v_cur = k, t, v
+        c.templates[key] = out
+        if k == c.T - 1 and c.calls_per_step and c.step_calls >= c.calls_per_step:
+            self._finish_call(c, complete=True)
+        return out
+
+    def _end_of_call(self) -> None:
+        """diffusers resets stateful hooks at the end of every pipeline call."""
+        c = self._call
+        if c is not None and not c.closed:
+            self._finish_call(c, complete=self._reached_end(c))
+
+    # -- internals -------------------------------------------------------------------
+    def _locate(self):
+        """(call state, step index relative to the call's start); starts a new call."""
+        pipe = self._pipe_ref()
+        sched = getattr(pipe, "scheduler", None)
+        sigmas = getattr(sched, "sigmas", None)
+        if sched is None or sigmas is None or not hasattr(sched, "step_index"):
+            self._warn_once("nosched", f"fastflow: scheduler {type(sched).__name__} exposes no sigmas/step_index; "
+                                       f"every step is computed")
+            return None, -1
+        step_index = sched.step_index
+        c = self._call
+        new = (
+            c is None or c.sched is not sched or c.sigmas_ref is not sigmas
+            or (step_index is None and c.max_k > 0)
+            or (step_index is not None and c.verified and step_index - c.start < c.cur_k)
+        )
+        if new:
+            if c is not None and not c.closed:
+                self._finish_call(c, complete=self._reached_end(c))
+            c = self._call = self._begin_call(sched, sigmas, step_index)
+        if c.passthrough:
+            return c, -1
+        if step_index is None:
+            k = 0
+        else:
+            if not c.verified:
+                # the first step ran with no index known: it was the step before this one
+                self._rebase(c, step_index - 1 if c.max_k >= 0 else step_index)
+            k = step_index - c.start
+        if not 0 <= k < c.T or c.closed:
+            if not c.closed:
+                c.passthrough = True
+                c.note = f"step index {step_index} outside the schedule; computed everything from there"
+            return c, -1
+        return c, k
+
+    def _begin_call(self, sched, sigmas, step_index) -> _Call:
+        sig = [float(s) for s in sigmas.tolist()]  # once per pipeline call
+        begin = getattr(sched, "begin_index", None)
+        start = step_index if step_index is not None else (begin if begin is not None else 0)
+        c = _Call(sched, sigmas, sig, start, verified=step_index is not None or begin is not None)
+        order = getattr(sched, "order", 1)
+        if not isinstance(order, int) or order != 1:
+            c.passthrough = True
+            c.note = (f"{type(sched).__name__} evaluates the model {order} times per step "
+                      f"(a multi-stage solver); every step computed")
+            self._warn_once("stages", "fastflow: " + c.note)
+        c.set_start(start, self.policy)
+        if not _is_flow_schedule(sched):
+            self._warn_once("flow", f"fastflow: {type(sched).__name__} is not a flow-matching schedule "
+                                    f"(sigma ∉ [0, 1] or no flow prediction); extrapolating on its sigma axis anyway")
+        return c
+
+    def _rebase(self, c: _Call, start: int) -> None:
+        c.verified = True
+        if start == c.start:
+            return
+        c.set_start(start, self.policy)
+        for h in c.hists.values():  # only step 0 has been seen
+            if h.k_cur == 0:
+                h.t_cur = c.ts[0]
+        c.trace = [s._replace(t=c.ts[s.k]) for s in c.trace]
+
+    def _enter_step(self, c: _Call, k: int, primary_key: str) -> None:
+        self._finish_step(c)
+        if c.cur_k == 0 and not c.calls_per_step:
+            c.calls_per_step = c.step_calls
+        c.prev_computed = c.cur_k >= 0 and not c.step_skipped
+        c.cur_k = k
+        c.max_k = max(c.max_k, k)
+        c.step_names = {}
+        c.step_calls = 0
+        primary = c.hists.get(primary_key)
+        usable = primary is not None and primary.v_prev is not None and primary.k_cur < k
+        if k < c.skip_until and usable:
+            skipped = True
+        else:
+            # a skip run ends early where the step's first branch has no two true outputs
+            # (e.g. a second expert taking over): that step is computed
+            c.skip_until = -1
+            skipped = False
+            room = c.room[k]
+            if room and c.prev_computed and usable:
+                run = self._ensure_run(c)
+                decision = run.decide(k, primary)
+                if run.needs_error:
+                    c.pending = k
+                n = min(int(decision), room)
+                if c.trace:
+                    c.trace[-1] = c.trace[-1]._replace(decision=decision)
+                if n > 0:
+                    c.skip_until = k + n
+                    skipped = True
+        c.step_skipped = skipped
+        c.trace.append(Step(k, c.ts[k], not skipped, None))
+        if not skipped:
+            c.nfe += 1
+
+    def _finish_step(self, c: _Call) -> None:
+        """Every decision gets exactly one error, at the next computed step (as in the engine)."""
+        if c.pending >= 0 and not c.step_skipped and c.cur_k >= 0:
+            if c.err_n:
+                err = c.err_sum if c.err_n == 1 else c.err_sum / c.err_n  # stays on the device
+            else:  # no branch had two true outputs to extrapolate from: no error to report
+                err = _torch().full((), float("nan"), device=c.device)
+            c.run.observe(c.pending, err)
+            c.pending, c.err_sum, c.err_n = -1, None, 0
+
+    def _ensure_run(self, c: _Call):
+        if c.run is None:
+            ctx = SampleContext(
+                timesteps=list(c.ts), model_key=self.model_key,
+                schedule_key=self._schedule_key or _schedule_key(c.sched, c.ts),
+                batch_size=c.batch_size or 1,
+            )
+            c.run = self.policy.start(ctx)
+        return c.run
+
+    def _reached_end(self, c: _Call | None) -> bool:
+        return c is not None and not c.passthrough and c.T >= 1 and c.cur_k == c.T - 1 and not c.step_skipped
+
+    def _finish_call(self, c: _Call | None, complete: bool) -> None:
+        if c is None or c.closed:
+            return
+        c.closed = True
+        c.ended = time.perf_counter()
+        ok = False
+        try:
+            if not c.passthrough and c.cur_k >= 0:
+                self._finish_step(c)
+                run = self._ensure_run(c)
+                ok = complete
+                run.close(ok)
+        finally:
+            # a call that fell back to computing everything computed its remaining steps too
+            computed = c.nfe + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0)
+            c.record = PipelineCall(
+                index=len(self.calls), steps=c.T, nfe=computed, denoiser_calls=c.denoiser_calls,
+                skipped=sum(1 for s in c.trace if not s.computed), trace=list(c.trace),
+                timesteps=list(c.ts), branches=list(c.order), complete=complete,
+                policy=self.policy_name, wall_seconds=c.ended - c.started,
+                fallback_calls=c.fallback_calls, note=c.note,
+            )
+            self.calls.append(c.record)
+            c.hists, c.templates, c.run, c.err_sum = {}, {}, None, None  # free the device memory
+        if ok and self.autosave and getattr(self.policy, "state_path", None) is not None:
+            self.policy.save()
+
+    def _settle(self) -> None:
+        """Close a call that reached its last step but whose end diffusers did not signal."""
+        c = self._call
+        if c is not None and not c.closed and self._reached_end(c):
+            self._finish_call(c, complete=True)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=4)
+
+
+# -- the diffusers hook ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _hook_class():
+    import torch
+    from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    _before = torch.compiler.disable(FastFlowHandle._before)
+    _after = torch.compiler.disable(FastFlowHandle._after)
+
+    class _NoState(BaseState):
+        def reset(self, *args, **kwargs):
+            pass
+
+    class FastFlowHook(ModelHook):
+        """Runs the denoiser or returns the extrapolated output; the decision is the handle's.
+
+        Stateful (in diffusers' sense) so that ``cache_context`` names reach it and the
+        pipeline's end-of-call reset (``maybe_free_model_hooks``) closes the call.
+        """
+
+        _is_stateful = True
+
+        def __init__(self, handle: FastFlowHandle, tag: str = ""):
+            super().__init__()
+            self.handle = handle
+            self.tag = tag  # prefixes history keys: "" for the first denoiser, "transformer_2:" ...
+            self.state_manager = StateManager(_NoState)  # receives the cache context
+
+        def context_name(self):
+            sm = self.state_manager
+            ctx = getattr(sm, "_context", None)
+            if ctx is None:
+                ctx = getattr(sm, "_current_context", None)  # diffusers < 0.42: the name itself
+            return getattr(ctx, "name", ctx)
+
+        def new_forward(self, module, *args, **kwargs):
+            out = _before(self.handle, self)
+            if out is not None:
+                return out
+            return _after(self.handle, self.fn_ref.original_forward(*args, **kwargs))
+
+        def reset_state(self, module):
+            self.handle._end_of_call()
+            self.state_manager.reset()
+            return module
+
+        def __repr__(self):
+            return f"FastFlowHook(policy={self.handle.policy_name})"
+
+    return FastFlowHook
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# -- enable / disable --------------------------------------------------------------------
+
+def _denoisers(pipe, which=None) -> dict:
+    import torch
+
+    names = DENOISER_ATTRS if which is None else tuple([which] if isinstance(which, str) else which)
+    found = {}
+    for name in names:
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, torch.nn.Module):
+            found[name] = mod
+    if "transformer" in found and "unet" in found and which is None:
+        found.pop("unet")  # the transformer is the denoiser (e.g. prior/decoder pipelines keep a unet aside)
+    return found
+
+
+def get_handle(pipe) -> FastFlowHandle | None:
+    """The active :class:`FastFlowHandle` on ``pipe``, if fastflow is enabled on it."""
+    import torch
+
+    for name in DENOISER_ATTRS:
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, torch.nn.Module):
+            registry = getattr(mod, "_diffusers_hook", None)
+            hook = registry.get_hook(HOOK_NAME) if registry is not None else None
+            if hook is not None:
+                return hook.handle
+    return None
+
+
+def enable(pipe, policy: Any = "ucb", *, denoisers=None, model_key: str | None = None,
+           schedule_key: str | None = None, autosave: bool = True, **policy_options) -> FastFlowHandle:
+    """Accelerate a diffusers pipeline: skip denoiser calls the policy deems safe.
+
+    Args:
+        pipe: a diffusers pipeline whose denoiser is ``pipe.transformer`` (and
+            ``pipe.transformer_2``, e.g. Wan 2.2) or ``pipe.unet``.
+        policy: a policy name (``"ucb"``, ``"fixed"``, ``"threshold"``, ``"none"``, a
+            plugin's) or a policy object; the same object keeps learning across calls.
+        denoisers: attribute name(s) of the modules to hook (default: found automatically).
+        model_key, schedule_key: identify model and schedule in policy state files
+            (defaults: the denoiser class and pipeline name; the scheduler class, the
+            step count and a digest of its sigmas).
+        autosave: save the policy after every complete call when it has a ``state`` file.
+        **policy_options: options for a policy given by name (e.g. ``skip=2``,
+            ``state="ucb.json"``).
+
+    Returns:
+        a :class:`FastFlowHandle` (``.summary()``, ``.to_dict()``, ``.policy``).
+
+    Enabling again on the same pipeline replaces the previous hooks (never stacks two).
+    """
+    from .engine import resolve_policy
+
+    pol = resolve_policy(policy, **policy_options)
+    mods = _denoisers(pipe, denoisers)
+    if not mods:
+        raise OptionError(
+            f"{type(pipe).__name__} has no denoiser to hook: expected a torch module at "
+            f"{' or '.join('pipe.' + n for n in DENOISER_ATTRS)}"
+            + (f" (asked for {denoisers!r})" if denoisers is not None else "")
+        )
+    if not hasattr(pipe, "scheduler"):
+        raise OptionError(f"{type(pipe).__name__} has no scheduler; fastflow needs the pipeline's scheduler")
+    disable(pipe)  # replacement, never a double hook
+    from diffusers.hooks import HookRegistry
+
+    handle = FastFlowHandle(pipe, pol, mods, model_key=model_key, schedule_key=schedule_key, autosave=autosave)
+    cls = _hook_class()
+    try:
+        for i, (name, mod) in enumerate(mods.items()):
+            had_forward = "forward" in vars(mod)
+            had_registry = hasattr(mod, "_diffusers_hook")
+            HookRegistry.check_if_exists_or_initialize(mod).register_hook(cls(handle, "" if i == 0 else f"{name}:"), HOOK_NAME)
+            handle._restore[name] = (had_forward, had_registry)
+    except Exception:
+        handle.remove()
+        raise
+    return handle
+
+
+def disable(pipe) -> FastFlowHandle | None:
+    """Remove fastflow from ``pipe``; returns the removed handle (its records stay readable)."""
+    import torch
+
+    handle = get_handle(pipe)
+    if handle is not None:
+        handle.remove()
+    # hooks of a handle whose modules were swapped on the pipeline since: remove them too
+    for name in DENOISER_ATTRS:
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, torch.nn.Module):
+            registry = getattr(mod, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+                registry.get_hook(HOOK_NAME).handle.remove()
+                _remove_hook(mod, True, True)
+    return handle
+
+
+def _remove_hook(module, had_forward: bool, had_registry: bool) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(HOOK_NAME) is None:
+        return
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    if not registry.hooks:
+        # diffusers leaves the bound method as an instance attribute: drop it if we added it
+        if not had_forward and "forward" in vars(module):
+            del module.forward
+        if not had_registry:
+            del module._diffusers_hook
+
+
+# -- output structure, keys ---------------------------------------------------------------
+
+def _main_tensor(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # diffusers BaseOutput
+        return out[next(iter(out.keys()))]
+    return out
+
+
+def _rebuild(template, v):
+    """An output shaped like ``template`` (tensor, tuple or BaseOutput) carrying ``v``."""
+    if isinstance(template, tuple):
+        return (v, *template[1:])
+    if isinstance(template, list):
+        return [v, *template[1:]]
+    if hasattr(template, "to_tuple") and hasattr(template, "keys"):
+        keys = list(template.keys())
+        return type(template)(**{keys[0]: v, **{k: template[k] for k in keys[1:]}})
+    return v
+
+
+def _is_flow_schedule(sched) -> bool:
+    cfg = getattr(sched, "config", {}) or {}
+    name = type(sched).__name__
+    return ("FlowMatch" in name or bool(cfg.get("use_flow_sigmas"))
+            or cfg.get("prediction_type") == "flow_prediction")
+
+
+def _schedule_key(sched, ts: list[float]) -> str:
+    digest = hashlib.sha1(json.dumps([round(t, 4) for t in ts]).encode()).hexdigest()[:10]
+    return f"diffusers/{type(sched).__name__}/steps={len(ts) - 1}/sigmas={digest}"
+
+
+def _model_key(pipe, denoiser) -> str:
+    cls = type(getattr(denoiser, "_orig_mod", denoiser))
+    cfg = getattr(pipe, "config", None)
+    name = getattr(cfg, "_name_or_path", None) if cfg is not None else None
+    if name is None and isinstance(cfg, dict):
+        name = cfg.get("_name_or_path")
+    return f"{cls.__name__}:{name}" if name else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in d.items()}
+
+
+# -- the CLI's pipeline runner ---------------------------------------------------------------
+
+def is_pipeline_dir(path) -> bool:
+    """Whether ``path`` is a local diffusers pipeline folder (it holds ``model_index.json``)."""
+    try:
+        p = Path(path)
+        return p.is_dir() and (p / "model_index.json").is_file()
+    except (TypeError, OSError):
+        return False
+
+
+def looks_like_pipeline(ref: str) -> bool:
+    """A local pipeline folder, or a Hugging Face Hub id (``org/name``) that is not a local path.
+
+    Needs no network: a Hub id is recognised by its shape only.
+    """
+    if is_pipeline_dir(ref):
+        return True
+    if not isinstance(ref, str) or Path(ref).exists():
+        return False
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and " " not in ref
+
+
+def _load_pipeline(model, device, dtype):
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if isinstance(model, DiffusionPipeline):
+        return model, getattr(model.config, "_name_or_path", None) or type(model).__name__
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        try:
+            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                     "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        except KeyError:
+            raise OptionError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}") from None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise FastFlowError(f"cannot load a diffusers pipeline from {model!r}: {exc}") from None
+    pipe.to(device)
+    return pipe, str(model)
+
+
+def _call_kwargs(pipe, *, prompt, steps, guidance, negative_prompt, height, width, num_frames, image, extra):
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict[str, Any] = {}
+
+    def put(name, value):
+        if value is None:
+            return
+        if name not in params:
+            raise OptionError(f"{type(pipe).__name__} takes no {name.replace('_', '-')} "
+                              f"(its options: {', '.join(p for p in params if p not in ('self', 'kwargs'))})")
+        kw[name] = value
+
+    put("prompt", prompt)
+    put("num_inference_steps", steps)
+    put("guidance_scale", guidance)
+    put("negative_prompt", negative_prompt)
+    put("height", height)
+    put("width", width)
+    put("num_frames", num_frames)
+    if image is not None:
+        if isinstance(image, (str, Path)):
+            from PIL import Image
+
+            image = Image.open(image).convert("RGB")
+        put("image", image)
+    for k, v in (extra or {}).items():
+        put(k, v)
+    if "output_type" in params:
+        kw["output_type"] = "np"
+    return kw, params
+
+
+def _output_array(result):
+    """(numpy array in [0, 1], is_video) from a pipeline output with output_type="np"."""
+    import numpy as np
+
+    if hasattr(result, "frames"):
+        frames = result.frames
+        arr = np.asarray(frames if not isinstance(frames, list) else np.stack([np.asarray(f) for f in frames]))
+        return arr, True
+    images = getattr(result, "images", None)
+    if images is None:
+        images = result[0]
+    if isinstance(images, list):
+        images = np.stack([np.asarray(i) for i in images])
+    return np.asarray(images), False
+
+
+def _save_outputs(arr, is_video: bool, out: Path, stem: str, fps: int) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    arr = np.clip(np.nan_to_num(arr), 0.0, 1.0)
+    u8 = (arr * 255).round().astype("uint8")
+    for j, item in enumerate(u8):
+        if is_video:
+            if item.ndim == 4 and item.shape[-1] not in (1, 3, 4) and item.shape[1] in (1, 3, 4):
+                item = item.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
+            frames = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in item]
+            path = out / f"{stem}-{j}.gif"
+            frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
+        else:
+            if item.ndim == 3 and item.shape[0] in (1, 3, 4) and item.shape[-1] not in (1, 3, 4):
+                item = item.transpose(1, 2, 0)
+            path = out / f"{stem}-{j}.png"
+            Image.fromarray(item.squeeze(-1) if item.shape[-1] == 1 else item).save(path)
+        files.append(str(path))
+    return files
+
+
+def run_pipeline(
+    model,
+    prompt,
+    *,
+    policy: Any = "ucb",
+    policy_options: dict | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    guidance: float | None = None,
+    out_dir="fastflow-out",
+    state_path=None,
+    compare: bool = True,
+    negative_prompt=None,
+    height: int | None = None,
+    width: int | None = None,
+    num_frames: int | None = None,
+    image=None,
+    runs: int = 1,
+    device=None,
+    dtype=None,
+    warmup: bool = True,
+    fps: int = 16,
+    extra: dict | None = None,
+) -> dict:
+    """Run a diffusers pipeline with a skip policy; write its images (or animated GIFs for
+    video pipelines) and ``summary.json`` to ``out_dir``; return the summary.
+
+    Args:
+        model: a pipeline folder (holding ``model_index.json``), a Hub id, or a loaded
+            ``DiffusionPipeline``.
+        prompt: the text prompt (or a list: one output each).
+        policy, policy_options: as for :func:`enable` (a name and its options, or an object).
+        steps: ``num_inference_steps`` (default: the pipeline's).
+        seed: seed of the run's generator; run ``i`` uses ``seed + i``.
+        guidance: the pipeline's ``guidance_scale`` (default: the pipeline's).
+        state_path: policy state file, loaded and saved back (``ucb``).
+        compare: also run the same seeds with the unhooked pipeline and report the
+            difference (PSNR over outputs in [0, 1], max abs error) and the wall speed-up.
+        negative_prompt, height, width, num_frames, image, extra: passed to the pipeline
+            (``image``: a path or PIL image, for editing pipelines); an argument the
+            pipeline does not take is an error naming the ones it takes.
+        runs: pipeline calls with the policy (the policy learns across them).
+        device, dtype: where and how to load a pipeline given by path (default: CUDA in
+            bf16 when available, else CPU in fp32).
+        warmup: one untimed short call first (lazy initialisation is not billed to either side).
+
+    Returns:
+        a dict with the keys of ``fastflow run --json``: policy, policy_options, model,
+        pipeline, steps, nfe_mean, nfe_full, speedup_nfe, wall_seconds, ms_per_eval, plus
+        per-run ``calls``, ``files``, ``out`` and, with ``compare``, psnr_db (None when
+        identical), max_abs_error, reference_wall_seconds, speedup_wall.
+    """
+    import torch
+
+    from .engine import resolve_policy
+    from .metrics import max_abs_error, psnr
+
+    if not isinstance(runs, int) or runs < 1:
+        raise OptionError(f"runs must be a positive integer, got {runs!r}")
+    options = dict(policy_options or {})
+    if state_path is not None:
+        if not isinstance(policy, str):
+            raise OptionError("state_path needs a policy name; pass state= to your policy object instead")
+        options["state"] = str(state_path)
+    try:
+        pol = resolve_policy(policy, **options)
+    except OptionError as exc:
+        if state_path is not None and "state" in str(exc):
+            raise OptionError(f"policy '{policy}' keeps no learned state; drop --state") from None
+        raise
+    pipe, model_name = _load_pipeline(model, device, dtype)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs, params = _call_kwargs(pipe, prompt=prompt, steps=steps, guidance=guidance,
+                                  negative_prompt=negative_prompt, height=height, width=width,
+                                  num_frames=num_frames, image=image, extra=extra)
+    gen_device = getattr(pipe, "device", torch.device("cpu"))
+    is_cuda = getattr(gen_device, "type", str(gen_device)) == "cuda"
+
+    def call(run_seed):
+        gen = torch.Generator(device=gen_device).manual_seed(run_seed)
+        started = time.perf_counter()
+        result = pipe(**kwargs, generator=gen)
+        arr, video = _output_array(result)  # output_type="np": already on the host
+        if is_cuda:
+            torch.cuda.synchronize()
+        return arr, video, time.perf_counter() - started
+
+    disable(pipe)
+    if warmup:
+        short = dict(kwargs, num_inference_steps=min(2, steps or 2)) if "num_inference_steps" in params else kwargs
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
+        pipe(**short, generator=gen)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    wall, ref_wall = 0.0, 0.0
+    psnrs, errs = [], []
+    is_video = False
+    records: list[PipelineCall] = []
+    for i in range(runs):
+        handle = enable(pipe, pol, autosave=False)
+        try:
+            arr, is_video, dt = call(seed + i)
+            rec = handle.last
+        finally:
+            disable(pipe)
+        if rec is None:
+            raise FastFlowError(f"{type(pipe).__name__} never called its denoiser; nothing to accelerate")
+        records.append(rec)
+        wall += dt
+        files += _save_outputs(arr, is_video, out, f"{'video' if is_video else 'image'}-{i}", fps)
+        if compare:
+            ref, _, rdt = call(seed + i)
+            ref_wall += rdt
+            files += _save_outputs(ref, is_video, out, f"reference-{i}", fps)
+            a, b = torch.from_numpy(arr.astype("float64")), torch.from_numpy(ref.astype("float64"))
+            psnrs.append(psnr(a, b, data_range=1.0))
+            errs.append(max_abs_error(a, b))
+    if state_path is not None:
+        pol.save(str(state_path))
+
+    nfes = [r.nfe for r in records]
+    nfe_mean = sum(nfes) / len(nfes)
+    full = records[-1].steps
+    summary: dict[str, Any] = {
+        "policy": getattr(pol, "name", type(pol).__name__),
+        "policy_options": _jsonable(pol.options()) if hasattr(pol, "options") else {},
+        "model": model_name,
+        "pipeline": type(pipe).__name__,
+        "scheduler": type(pipe.scheduler).__name__,
+        "prompt": prompt,
+        "steps": full,
+        "runs": runs,
+        "seed": seed,
+        "guidance": guidance,
+        "video": is_video,
+        "nfe": nfes,
+        "nfe_mean": nfe_mean,
+        "nfe_full": full,
+        "speedup_nfe": full / nfe_mean if nfe_mean else None,
+        "denoiser_calls": [r.denoiser_calls for r in records],
+        "wall_seconds": wall,
+        "ms_per_eval": 1000.0 * wall / max(sum(nfes), 1),
+        "calls": [r.as_dict(trace=True) for r in records],
+    }
+    if compare:
+        worst = min(psnrs)
+        summary.update({
+            "psnr_db": worst if math.isfinite(worst) else None,
+            "max_abs_error": max(errs),
+            "reference_wall_seconds": ref_wall,
+            "speedup_wall": ref_wall / wall if wall > 0 else None,
+        })
+    if state_path is not None:
+        summary["state"] = str(state_path)
+    summary["files"] = files
+    summary["out"] = str(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

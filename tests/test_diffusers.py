@@ -1,0 +1,616 @@
+"""fastflow.enable(pipe, ...) on diffusers pipelines.
+
+Real pipeline classes (FLUX, FLUX Kontext, FLUX img2img, SD3, Wan, Chroma) with tiny,
+randomly initialised components built from configs (fastflow.diffusers_tiny): no
+downloads. A toy pipeline loop checks the hook against fastflow.sample step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import fastflow  # noqa: E402
+from fastflow import diffusers_hook as dh  # noqa: E402
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and leave the other core to the rest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- a toy pipeline: the scheduler loop of a diffusers flow pipeline, nothing else ---------
+
+class ToyDenoiser(torch.nn.Module):
+    """v = W·x·(1 + t) + cond: depends on x and t, so extrapolation errors are nonzero."""
+
+    def __init__(self, dim=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(dim, dim, generator=g) * 0.3)
+
+    def forward(self, hidden_states, timestep, cond=None, return_dict=False):
+        v = hidden_states @ self.weight * (1 + timestep.view(-1, 1))
+        if cond is not None:
+            v = v + cond
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=v)
+        return (v,)
+
+
+def _context(module, name):
+    from diffusers.models.cache_utils import CacheMixin
+
+    return CacheMixin.cache_context(module, name)
+
+
+class ToyPipe:
+    def __init__(self, scheduler=None, seed=0):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = ToyDenoiser(seed=seed)
+        self.scheduler = scheduler or FlowMatchEulerDiscreteScheduler()
+
+    def __call__(self, x, sigmas, *, cond, uncond=None, guidance=None, start=0, begin_index=True,
+                 contexts=True, return_dict=False, fail_at=None, end_signal=True):
+        s = self.scheduler
+        s.set_timesteps(sigmas=list(sigmas))
+        if begin_index:
+            s.set_begin_index(start)
+        for i, t in enumerate(s.timesteps[start:]):
+            if fail_at is not None and i == fail_at:
+                raise RuntimeError("interrupted")
+            tt = (t / 1000).expand(x.shape[0])
+            with _context(self.transformer, "cond") if contexts else _nullcontext():
+                out = self.transformer(x, tt, cond=cond, return_dict=return_dict)
+            v = out.sample if return_dict else out[0]
+            if guidance is not None:
+                with _context(self.transformer, "uncond") if contexts else _nullcontext():
+                    vu = self.transformer(x, tt, cond=uncond, return_dict=return_dict)
+                vu = vu.sample if return_dict else vu[0]
+                v = vu + guidance * (v - vu)
+            x = s.step(v, t, x, return_dict=False)[0]
+        if end_signal and hasattr(self.transformer, "_diffusers_hook"):  # as maybe_free_model_hooks does
+            self.transformer._diffusers_hook.reset_stateful_hooks()
+        return x
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _uniform(steps):
+    return [1.0 - k / steps for k in range(steps)]
+
+
+def _toy_inputs(batch=3, dim=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
+
+
+def _engine(pipe, noise, steps, policy, cond, uncond=None, guidance=None):
+    model = lambda x, t, cond: pipe.transformer(x, t, cond=cond)[0]  # noqa: E731
+    kw = {"guidance": guidance, "uncond": {"cond": uncond}} if guidance is not None else {}
+    return fastflow.sample(model, noise, steps=steps, policy=policy, cond=cond, **kw)
+
+
+@pytest.mark.parametrize("guidance", [None, 3.0])
+@pytest.mark.parametrize("policy,opts", [("fixed", {"skip": 2}), ("fixed", {"compute": "0,1,2,6,9"}), ("none", {})])
+def test_hook_matches_the_engine_step_for_step(policy, opts, guidance):
+    pipe = ToyPipe()
+    noise, cond, uncond = _toy_inputs()
+    ref = _engine(pipe, noise, 10, fastflow.get_policy(policy, **opts), cond, uncond, guidance)
+    handle = fastflow.enable(pipe, policy, **opts)
+    x = pipe(noise, _uniform(10), cond=cond, uncond=uncond, guidance=guidance)
+    rec = handle.last
+    assert torch.allclose(x, ref.x, atol=1e-5, rtol=1e-5)
+    assert rec.nfe == ref.nfe and rec.complete
+    assert [(s.k, s.computed, s.decision) for s in rec.trace] == [(s.k, s.computed, s.decision) for s in ref.trace]
+    assert [s.t for s in rec.trace] == pytest.approx([s.t for s in ref.trace], abs=1e-6)
+    assert rec.denoiser_calls == rec.nfe * (2 if guidance else 1)
+    assert rec.branches == (["cond", "uncond"] if guidance else ["cond"])
+
+
+def test_branches_by_call_order_without_cache_context():
+    pipe = ToyPipe()
+    noise, cond, uncond = _toy_inputs()
+    ref = _engine(pipe, noise, 10, fastflow.get_policy("fixed"), cond, uncond, 2.0)
+    handle = fastflow.enable(pipe, "fixed")
+    x = pipe(noise, _uniform(10), cond=cond, uncond=uncond, guidance=2.0, contexts=False, return_dict=True)
+    assert torch.allclose(x, ref.x, atol=1e-5, rtol=1e-5)
+    assert handle.last.branches == ["#0", "#1"] and handle.last.nfe == ref.nfe
+
+
+def test_start_index_from_the_scheduler_with_or_without_begin_index():
+    """img2img-style calls that start mid-schedule: begin_index, or found from step_index."""
+    noise, cond, _ = _toy_inputs()
+    sig = _uniform(12)
+    outs, traces = [], []
+    for begin in (True, False):
+        pipe = ToyPipe()
+        handle = fastflow.enable(pipe, "fixed", skip=2)
+        outs.append(pipe(noise, sig, cond=cond, start=4, begin_index=begin))
+        rec = handle.last
+        assert rec.steps == 8 and rec.complete
+        assert rec.timesteps == pytest.approx(sig[4:] + [0.0], abs=1e-6)
+        traces.append(rec.trace)
+    assert torch.equal(outs[0], outs[1])
+    assert traces[0] == traces[1]
+    assert [s.computed for s in traces[0]] == [True, True, False, False, True, False, False, True]
+
+
+def test_per_call_state_resets_and_learning_carries_over():
+    pipe = ToyPipe()
+    noise, cond, _ = _toy_inputs()
+    policy = fastflow.get_policy("ucb")
+    handle = fastflow.enable(pipe, policy)
+    outs = [pipe(noise, _uniform(10), cond=cond) for _ in range(4)]
+    assert [c.nfe for c in handle.calls][:2] == [10, 10]  # calibration, then arm 0 everywhere
+    assert handle.calls[3].nfe < 10 and policy.samples == 4
+    assert all(c.complete for c in handle.calls)
+    assert torch.equal(outs[0], outs[1])  # nothing of call 0 leaks into call 1
+    # an interrupted call is closed as failed when the next one starts; learning is untouched
+    with pytest.raises(RuntimeError):
+        pipe(noise, _uniform(10), cond=cond, fail_at=5, end_signal=False)
+    pipe(noise, _uniform(10), cond=cond)
+    assert [c.complete for c in handle.calls[4:]] == [False, True]
+    assert policy.samples == 5
+
+
+def test_multi_stage_scheduler_runs_unaccelerated():
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe = ToyPipe(scheduler=FlowMatchHeunDiscreteScheduler())
+    noise, cond, _ = _toy_inputs()
+
+    def run():  # Heun: two model calls per step, over every scheduler timestep
+        s = pipe.scheduler
+        s.set_timesteps(6)
+        x = noise
+        for t in s.timesteps:
+            x = s.step(pipe.transformer(x, (t / 1000).expand(3), cond=cond)[0], t, x, return_dict=False)[0]
+        if hasattr(pipe.transformer, "_diffusers_hook"):
+            pipe.transformer._diffusers_hook.reset_stateful_hooks()  # the pipeline's end of call
+        return x
+
+    ref = run()
+    handle = fastflow.enable(pipe, "fixed")
+    with pytest.warns(UserWarning, match="multi-stage"):
+        out = run()
+    assert torch.equal(out, ref) and handle.last.skipped == 0 and "multi-stage" in handle.last.note
+
+
+def test_call_end_without_diffusers_signal():
+    """A pipeline that never resets hooks: the call closes once its last step has run."""
+    pipe = ToyPipe()
+    noise, cond, uncond = _toy_inputs()
+    handle = fastflow.enable(pipe, "fixed")
+    pipe(noise, _uniform(10), cond=cond, uncond=uncond, guidance=2.0, end_signal=False)
+    assert len(handle.calls) == 1 and handle.calls[0].complete
+    pipe(noise, _uniform(10), cond=cond, end_signal=False)
+    assert len(handle.calls) == 2 and handle.calls[1].complete
+
+
+@pytest.mark.parametrize("policy", ["fixed", "ucb"])
+def test_no_host_reads_per_step(monkeypatch, policy):
+    """Host reads the hook adds per pipeline call do not grow with the step count."""
+    counter = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            counter["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    noise, cond, uncond = _toy_inputs()
+
+    def reads(steps, hooked):
+        pipe = ToyPipe()
+        if hooked:
+            fastflow.enable(pipe, policy, **({"mu": 1e-4} if policy == "ucb" else {}))
+        pipe(noise, _uniform(steps), cond=cond, uncond=uncond, guidance=2.0)  # learning / warm
+        counter["n"] = 0
+        pipe(noise, _uniform(steps), cond=cond, uncond=uncond, guidance=2.0)
+        return counter["n"]
+
+    extra = {steps: reads(steps, True) - reads(steps, False) for steps in (10, 30)}
+    assert extra[10] == extra[30] <= 2, extra
+
+
+def test_enable_twice_replaces_and_disable_restores_exactly():
+    pipe = ToyPipe()
+    noise, cond, _ = _toy_inputs()
+    mod = pipe.transformer
+    run = lambda: pipe(noise, _uniform(10), cond=cond, contexts=False, end_signal=False)  # noqa: E731
+    ref = run()
+    assert "forward" not in vars(mod) and not hasattr(mod, "_diffusers_hook")
+    first = fastflow.enable(pipe, "fixed")
+    second = fastflow.enable(pipe, "fixed", skip=3)
+    assert not first.active and second.active
+    assert mod._diffusers_hook._hook_order == [dh.HOOK_NAME]
+    assert dh.get_handle(pipe) is second
+    run()
+    assert second.last.nfe == 4 and not first.calls
+    assert fastflow.disable(pipe) is second
+    assert "forward" not in vars(mod) and not hasattr(mod, "_diffusers_hook")  # as before
+    assert torch.equal(run(), ref)
+    assert fastflow.disable(pipe) is None
+    second.remove()  # idempotent
+    # a registry diffusers made (cache_context) stays, without our hook
+    pipe(noise, _uniform(10), cond=cond)
+    fastflow.enable(pipe, "fixed")
+    fastflow.disable(pipe)
+    assert mod._diffusers_hook._hook_order == [] and "forward" not in vars(mod)
+
+
+def test_enable_errors():
+    with pytest.raises(fastflow.OptionError, match="no denoiser"):
+        fastflow.enable(object(), "fixed")
+    with pytest.raises(fastflow.OptionError, match="skip"):
+        fastflow.enable(ToyPipe(), "fixed", skip=-1)
+    with pytest.raises(fastflow.UnknownNameError):
+        fastflow.enable(ToyPipe(), "nope")
+
+
+def test_summary_and_dict():
+    pipe = ToyPipe()
+    noise, cond, _ = _toy_inputs()
+    handle = fastflow.enable(pipe, "fixed")
+    pipe(noise, _uniform(10), cond=cond)
+    d = handle.to_dict()
+    assert d["policy"] == "fixed" and d["pipeline_calls"] == 1
+    assert d["nfe_mean"] == 5 and d["speedup_nfe"] == 2.0
+    call = d["calls"][0]
+    assert (call["steps"], call["nfe"], call["skipped"], call["denoiser_calls"]) == (10, 5, 5, 5)
+    assert "".join("#" if s["computed"] else "." for s in call["trace"]) == "##..#..#.#"
+    json.dumps(d)
+    text = handle.summary()
+    assert "10 steps, 5 evaluated, 5 skipped" in text and "##..#..#.#" in text
+
+
+def test_state_file_carries_learning_across_handles(tmp_path):
+    state = tmp_path / "ucb.json"
+    noise, cond, _ = _toy_inputs()
+    pipe = ToyPipe()
+    handle = fastflow.enable(pipe, "ucb", state=str(state))
+    for _ in range(3):
+        pipe(noise, _uniform(10), cond=cond)
+    assert state.exists() and json.loads(state.read_text())["samples"] == 3  # autosaved
+    fastflow.disable(pipe)
+    pipe2 = ToyPipe()
+    again = fastflow.enable(pipe2, "ucb", state=str(state))
+    assert again.pipeline is pipe2
+    pipe2(noise, _uniform(10), cond=cond)
+    assert again.policy.samples == 4 and again.last.nfe < 10
+
+
+def test_import_fastflow_stays_light():
+    code = ("import sys, fastflow, fastflow.diffusers_hook; "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- real pipeline classes with tiny components -----------------------------------------
+
+pytest.importorskip("transformers")
+from fastflow.diffusers_tiny import tiny_inputs, tiny_pipeline  # noqa: E402
+
+_PIPES: dict = {}
+
+
+def _pipe(family, scheduler=None):
+    key = (family, type(scheduler).__name__ if scheduler is not None else None)
+    if key not in _PIPES:
+        _PIPES[key] = tiny_pipeline(family, scheduler=scheduler)
+    pipe = _PIPES[key]
+    fastflow.disable(pipe)
+    return pipe
+
+
+def _run(pipe, family, seed=0, **extra):
+    out = pipe(**{**tiny_inputs(family), **extra}, num_inference_steps=STEPS,
+               generator=torch.Generator().manual_seed(seed))
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+FAMILIES = ["flux", "sd3", "wan", "flux-kontext", "flux-img2img", "chroma"]
+EXPECTED_BRANCHES = {"flux": ["cond"], "sd3": ["#0"], "wan": ["cond", "uncond"], "flux-kontext": ["#0"],
+                     "flux-img2img": ["#0"], "chroma": ["#0", "#1"]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_family(family):
+    pipe = _pipe(family)
+    ref = _run(pipe, family)
+    assert torch.isfinite(ref).all()
+    try:
+        handle = fastflow.enable(pipe, "none")
+        assert torch.equal(_run(pipe, family), ref)  # bit for bit
+        steps = handle.last.steps
+        assert handle.last.nfe == steps and handle.last.branches == EXPECTED_BRANCHES[family]
+
+        handle = fastflow.enable(pipe, "fixed", skip=2)
+        out = _run(pipe, family)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert handle.last.nfe < steps and not torch.equal(out, ref)
+        per_step = len(EXPECTED_BRANCHES[family])
+        assert handle.last.denoiser_calls == handle.last.nfe * per_step
+
+        policy = fastflow.get_policy("ucb")
+        handle = fastflow.enable(pipe, policy)
+        for seed in range(3):
+            out = _run(pipe, family, seed=seed)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+        nfe = [c.nfe for c in handle.calls]
+        assert nfe[0] == steps and nfe[-1] < steps, nfe
+        assert all(c.complete for c in handle.calls)
+    finally:
+        fastflow.disable(pipe)
+    assert dh.get_handle(pipe) is None
+    assert torch.equal(_run(pipe, family), ref)  # disable restores the original outputs
+
+
+def test_flux_true_cfg_keeps_separate_histories():
+    pipe = _pipe("flux")
+    extra = {"negative_prompt": "blurry", "true_cfg_scale": 2.0}
+    ref = _run(pipe, "flux", **extra)
+    handle = fastflow.enable(pipe, "fixed", skip=2)
+    try:
+        out = _run(pipe, "flux", **extra)
+        rec = handle.last
+        assert rec.branches == ["cond", "uncond"] and rec.denoiser_calls == 2 * rec.nfe < 2 * STEPS
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        fastflow.enable(pipe, "none")
+        assert torch.equal(_run(pipe, "flux", **extra), ref)
+    finally:
+        fastflow.disable(pipe)
+
+
+def test_batch_of_prompts_keeps_samples_apart():
+    """Each sample of a batch comes out as it does alone (same per-sample generator)."""
+    pipe = _pipe("flux")
+    prompts = ["a photo of a cat", "a red dog"]
+    fastflow.enable(pipe, "fixed", skip=2)
+    try:
+        kw = {**tiny_inputs("flux"), "num_inference_steps": STEPS}
+        batch = pipe(**{**kw, "prompt": prompts},
+                     generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images
+        alone = [pipe(**{**kw, "prompt": p}, generator=torch.Generator().manual_seed(s)).images[0]
+                 for p, s in zip(prompts, (11, 12))]
+    finally:
+        fastflow.disable(pipe)
+    for i in range(2):
+        assert torch.allclose(batch[i], alone[i], atol=1e-4), i
+    assert not torch.allclose(batch[0], batch[1])
+
+
+@pytest.mark.parametrize("kind", ["unipc", "dpm++"])
+def test_multistep_schedulers_in_flow_mode(kind):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    else:
+        sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2)
+    pipe = _pipe("wan", scheduler=sched)
+    ref = _run(pipe, "wan")
+    try:
+        handle = fastflow.enable(pipe, "none")
+        assert torch.equal(_run(pipe, "wan"), ref)
+        handle = fastflow.enable(pipe, "fixed", skip=2)
+        out = _run(pipe, "wan")
+        rec = handle.last
+        assert rec.steps == STEPS and rec.nfe < STEPS and rec.complete
+        assert rec.timesteps[0] == pytest.approx(1.0, abs=1e-3) and rec.timesteps[-1] == 0.0
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+    finally:
+        fastflow.disable(pipe)
+    assert torch.equal(_run(pipe, "wan"), ref)
+
+
+def test_inference_mode_and_torch_compile():
+    """Regional compilation of the blocks, and the whole denoiser compiled: the skip
+    decision runs eagerly outside the graphs, and no step recompiles."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipeline("wan")  # its own copy: compilation stays with it
+    kw = {**tiny_inputs("wan"), "num_inference_steps": STEPS}
+
+    def run():
+        with torch.inference_mode():
+            return pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+
+    handle = fastflow.enable(pipe, "fixed", skip=2)
+    eager = run()
+    pipe.transformer.compile_repeated_blocks(backend="eager", fullgraph=True)
+    assert torch.allclose(run(), eager, atol=1e-5)
+    fastflow.disable(pipe)
+
+    pipe = tiny_pipeline("wan")
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    handle = fastflow.enable(pipe, "fixed", skip=2)
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.allclose(run(), eager, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    fastflow.enable(pipe, "fixed", skip=1)
+    run()
+    assert counters["stats"]["unique_graphs"] == graphs  # another skip pattern, no recompilation
+    assert [c.nfe for c in handle.calls] == [4]
+    fastflow.disable(pipe)
+
+
+# -- the CLI's runner ------------------------------------------------------------------------
+
+def test_is_pipeline_dir(tmp_path):
+    assert not dh.is_pipeline_dir(tmp_path) and not dh.is_pipeline_dir(tmp_path / "missing")
+    (tmp_path / "model_index.json").write_text("{}")
+    assert dh.is_pipeline_dir(tmp_path) and dh.is_pipeline_dir(str(tmp_path))
+    assert dh.looks_like_pipeline(str(tmp_path)) and dh.looks_like_pipeline("black-forest-labs/FLUX.1-dev")
+    assert not dh.looks_like_pipeline("gmm") and not dh.looks_like_pipeline(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_run_pipeline(tmp_path, family):
+    if family == "flux":  # from a saved folder, as `fastflow run --model PATH` does
+        model = tmp_path / "pipe"
+        _pipe(family).save_pretrained(model)
+        assert dh.is_pipeline_dir(model)
+        model = str(model)
+    else:  # a loaded pipeline (Wan needs accelerate to load from a folder)
+        model = _pipe(family)
+    inputs = tiny_inputs(family)
+    size = {k: inputs[k] for k in ("height", "width", "num_frames") if k in inputs}
+    summary = dh.run_pipeline(
+        model, "a photo of a cat", policy="fixed", policy_options={"skip": "2"}, steps=STEPS,
+        seed=3, out_dir=tmp_path / "out", compare=True, warmup=False, extra={"max_sequence_length": 16},
+        **size,
+    )
+    for key in ("policy", "model", "steps", "nfe_mean", "nfe_full", "speedup_nfe", "wall_seconds", "ms_per_eval",
+                "psnr_db", "max_abs_error", "reference_wall_seconds", "speedup_wall"):
+        assert key in summary, key
+    assert summary["policy"] == "fixed" and summary["nfe_full"] == STEPS and summary["nfe_mean"] == 4
+    assert summary["speedup_nfe"] == 2.0 and summary["max_abs_error"] > 0
+    assert summary["video"] == (family == "wan")
+    suffix = ".gif" if family == "wan" else ".png"
+    assert summary["files"] and all(f.endswith(suffix) for f in summary["files"])
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["nfe_mean"] == 4
+
+
+def test_run_pipeline_state_and_errors(tmp_path):
+    pipe = _pipe("flux")
+    state = tmp_path / "ucb.json"
+    common = dict(steps=STEPS, out_dir=tmp_path / "o", warmup=False, height=8, width=8,
+                  extra={"max_sequence_length": 16})
+    s = dh.run_pipeline(pipe, "a cat", policy="ucb", state_path=state, runs=3, compare=False, **common)
+    assert s["nfe"][0] == STEPS and s["nfe"][-1] < STEPS and "psnr_db" not in s
+    assert json.loads(state.read_text())["samples"] == 3
+    assert dh.get_handle(pipe) is None
+    with pytest.raises(fastflow.OptionError, match="keeps no learned state"):
+        dh.run_pipeline(pipe, "a cat", policy="fixed", state_path=state, **common)
+    with pytest.raises(fastflow.OptionError, match="num-frames"):
+        dh.run_pipeline(pipe, "a cat", policy="fixed", num_frames=5, **common)
+
+
+def test_wan22_two_experts_share_one_handle():
+    pipe = _pipe("wan2.2")
+    ref = _run(pipe, "wan2.2")
+    try:
+        handle = fastflow.enable(pipe, "none")
+        assert handle.denoiser_names == ["transformer", "transformer_2"]
+        assert torch.equal(_run(pipe, "wan2.2"), ref)
+        assert handle.last.branches == ["cond", "uncond", "transformer_2:cond", "transformer_2:uncond"]
+        handle = fastflow.enable(pipe, "fixed", compute="0,1")  # skip wherever allowed
+        out = _run(pipe, "wan2.2")
+        rec = handle.last
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        # the low-noise expert computes two steps of its own before anything is extrapolated
+        switch = next(i for i, t in enumerate(rec.timesteps) if t * 1000 < 600)
+        computed = [s.computed for s in rec.trace]
+        assert computed[switch:switch + 2] == [True, True] and rec.nfe < STEPS, rec.trace
+    finally:
+        fastflow.disable(pipe)
+    for mod in (pipe.transformer, pipe.transformer_2):
+        assert mod._diffusers_hook.get_hook(dh.HOOK_NAME) is None
+    assert torch.equal(_run(pipe, "wan2.2"), ref)
+
+
+class _Recorder(fastflow.Policy):
+    """Skips 2 after every evaluation and records the protocol calls."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def start(self, ctx):
+        log = self.log
+        log.append(("start", ctx.steps, ctx.batch_size))
+
+        class Run(fastflow.PolicyRun):
+            needs_error = True
+
+            def decide(self, k, hist):
+                log.append(("decide", k))
+                return 2
+
+            def observe(self, k, err):
+                log.append(("observe", k, float(err)))
+
+            def close(self, ok=True):
+                log.append(("close", ok))
+
+        return Run()
+
+
+def test_every_decision_gets_one_observation():
+    pipe = ToyPipe()
+    noise, cond, uncond = _toy_inputs()
+    policy = _Recorder()
+    fastflow.enable(pipe, policy)
+    pipe(noise, _uniform(10), cond=cond, uncond=uncond, guidance=2.0)
+    log = policy.log
+    assert log[0] == ("start", 10, 3) and log[-1] == ("close", True)
+    decides = [e[1] for e in log if e[0] == "decide"]
+    observes = [e[1] for e in log if e[0] == "observe"]
+    assert decides == observes == [2, 5, 8]
+    assert all(e[2] > 0 for e in log if e[0] == "observe")
+    # order: each observation comes before the next decision
+    kinds = [e[0] for e in log[1:-1]]
+    assert kinds == ["decide", "observe"] * 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_adds_no_sync_per_step():
+    """On CUDA: bf16 runs skip steps, and the hook's synchronisations per pipeline call do
+    not grow with the step count (one: reading the schedule's sigmas)."""
+    import warnings
+
+    pipe = tiny_pipeline("flux").to("cuda", torch.bfloat16)
+    kw = {**tiny_inputs("flux"), "output_type": "latent"}
+
+    def syncs(steps, hooked):
+        if hooked:
+            fastflow.enable(pipe, "fixed", skip=2)
+        else:
+            fastflow.disable(pipe)
+        gen = lambda: torch.Generator("cuda").manual_seed(0)  # noqa: E731
+        pipe(**kw, num_inference_steps=steps, generator=gen())  # warm
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = pipe(**kw, num_inference_steps=steps, generator=gen()).images
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(out.float()).all()
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    extra = {steps: syncs(steps, True) - syncs(steps, False) for steps in (8, 16)}
+    handle = fastflow.enable(pipe, "fixed", skip=2)
+    pipe(**kw, num_inference_steps=16, generator=torch.Generator("cuda").manual_seed(0))
+    assert handle.last.nfe < 16
+    fastflow.disable(pipe)
+    assert extra[8] == extra[16] <= 1, extra
