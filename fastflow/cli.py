@@ -121,8 +121,19 @@ DEFAULT_MODEL = "gmm"
               help="Edit this image (PNG/JPEG of the model's size) into --label (SDEdit).")
 @click.option("--strength", default=0.6, show_default=True, type=float,
               help="With --edit: how far to noise the image, in (0, 1]; 1 ignores it entirely.")
+@click.option("--prompt", default=None, help="Text prompt: runs --model as a diffusers pipeline "
+              "(a local folder or a Hub id such as black-forest-labs/FLUX.1-dev).")
+@click.option("--negative-prompt", default=None, help="Pipelines: negative prompt.")
+@click.option("--height", default=None, type=click.IntRange(min=8), help="Pipelines: image height.")
+@click.option("--width", default=None, type=click.IntRange(min=8), help="Pipelines: image width.")
+@click.option("--num-frames", default=None, type=click.IntRange(min=1), help="Video pipelines: frames.")
+@click.option("--image", "image_path", default=None, type=click.Path(dir_okay=False),
+              help="Pipelines that edit or extend an image (Kontext, img2img): the input image.")
+@click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]), help="Pipelines: weights dtype.")
+@click.option("--device", default=None, help="Pipelines: torch device (default: cuda if available).")
 def run(model_name, backend, policy, options, steps, solver, shift, samples, batch_size, seed, labels,
-        guidance, state_path, out_dir, as_json, compare, edit_path, strength):
+        guidance, state_path, out_dir, as_json, compare, edit_path, strength, prompt, negative_prompt,
+        height, width, num_frames, image_path, dtype, device):
     """Generate samples with a skip policy and report NFE, speed-up and fidelity.
 
     \b
@@ -136,6 +147,15 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     the summary gives the PSNR and max abs error between the two outputs.
     """
     try:
+        if prompt is not None or (model_name and _is_pipeline_ref(model_name)):
+            summary = _run_pipeline(model_name, prompt, policy, _parse_options(options), steps, seed, guidance,
+                                    out_dir, state_path, compare, negative_prompt, height, width, num_frames,
+                                    image_path, dtype, device, backend)
+            if as_json:
+                click.echo(json.dumps(summary))
+            else:
+                _print_summary(summary)
+            return
         summary = _run(model_name or DEFAULT_MODEL, backend, policy, _parse_options(options), steps,
                        solver, shift, samples, batch_size, seed, labels, guidance, state_path, out_dir,
                        compare, quiet=as_json, edit_path=edit_path, strength=strength)
@@ -145,6 +165,33 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
         click.echo(json.dumps(summary))
     else:
         _print_summary(summary)
+
+
+def _is_pipeline_ref(model_name: str) -> bool:
+    """A diffusers pipeline folder or Hub id, rather than a registered fastflow model."""
+    from .plugins import get_plugins
+
+    if model_name in get_plugins().registry("models"):
+        return False
+    from .diffusers_hook import looks_like_pipeline
+
+    return looks_like_pipeline(model_name)
+
+
+def _run_pipeline(model, prompt, policy, options, steps, seed, guidance, out_dir, state_path, compare,
+                  negative_prompt, height, width, num_frames, image_path, dtype, device, backend):
+    if model is None:
+        raise UsageFailure("--prompt runs a diffusers pipeline: give it with --model PATH_OR_HUB_ID")
+    if prompt is None:
+        raise UsageFailure(f"--model {model} is a diffusers pipeline: give a text with --prompt")
+    if backend != "torch":
+        raise UsageFailure("diffusers pipelines run on the torch backend; drop --backend")
+    from .diffusers_hook import run_pipeline
+
+    return run_pipeline(model, prompt, policy=policy, policy_options=options, steps=steps, seed=seed,
+                        guidance=guidance, out_dir=out_dir, state_path=state_path, compare=compare,
+                        negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+                        image=image_path, dtype=dtype, device=device)
 
 
 def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | None:

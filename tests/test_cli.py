@@ -122,3 +122,19 @@ def test_the_installed_console_script(tmp_path):
     assert s["policy"] == "ucb" and s["nfe_mean"] < 20
     proc = subprocess.run([exe, "run", "--policy", "nope"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "unknown policy 'nope'" in proc.stderr
+
+
+def test_run_a_diffusers_pipeline_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from fastflow.diffusers_tiny import tiny_pipeline
+
+    folder = tmp_path / "tiny-flux"
+    tiny_pipeline("flux").save_pretrained(folder)
+    result = invoke("run", "--model", str(folder), "--prompt", "a red square", "--policy", "fixed",
+                    "--steps", "8", "--height", "32", "--width", "32", "--json", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["nfe_mean"] == 4 and s["nfe_full"] == 8 and s["psnr_db"] is not None
+    assert list((tmp_path / "o").glob("*.png"))
+    result = invoke("run", "--model", str(folder), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "--prompt" in result.output
