@@ -180,12 +180,22 @@ def _is_pipeline_ref(model_name: str) -> bool:
 
 def _run_pipeline(model, prompt, policy, options, steps, seed, guidance, out_dir, state_path, compare,
                   negative_prompt, height, width, num_frames, image_path, dtype, device, backend):
-    if model is None:
-        raise UsageFailure("--prompt runs a diffusers pipeline: give it with --model PATH_OR_HUB_ID")
+    model = model or DEFAULT_MODEL
     if prompt is None:
         raise UsageFailure(f"--model {model} is a diffusers pipeline: give a text with --prompt")
     if backend != "torch":
         raise UsageFailure("diffusers pipelines run on the torch backend; drop --backend")
+    from .plugins import get_plugins
+
+    if model in get_plugins().registry("models"):  # a registered fastflow model, not a folder or Hub id
+        if model != "glyphs":
+            raise UsageFailure(f"model '{model}' has no diffusers pipeline; drop --prompt (use --label)")
+        from .demo.pipeline import glyph_pipeline
+
+        try:  # the demo model as a diffusers pipeline: --prompt "A" draws the glyph A
+            model = glyph_pipeline(device=device, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise UsageFailure(f"cannot load model 'glyphs': {exc}") from None
     from .diffusers_hook import run_pipeline
 
     return run_pipeline(model, prompt, policy=policy, policy_options=options, steps=steps, seed=seed,
@@ -218,7 +228,19 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     import fastflow
     from .metrics import max_abs_error, psnr
 
-    spec = fastflow.get_model(model_name)
+    from .export import is_export, read_export
+
+    export = None
+    if is_export(model_name):  # an exported graph or engine: its metadata names the model
+        export = read_export(model_name)
+        spec = export.spec()
+        if backend_name == "torch":
+            backend_name = export.runtime_backend
+        elif backend_name != export.runtime_backend:
+            raise UsageFailure(f"{model_name} is a {export.runtime_backend} export; use --backend "
+                               f"{export.runtime_backend} (or leave --backend out)")
+    else:
+        spec = fastflow.get_model(model_name)
     edit = None
     if edit_path is not None:
         if not labels:
@@ -246,9 +268,10 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     import torch
 
     try:
-        model = spec.build()
+        model = export if export is not None else spec.build()
     except (OSError, ValueError) as exc:  # e.g. missing or damaged weights
         raise UsageFailure(f"cannot load model '{spec.name}': {exc}") from None
+    model_key = export.key if export is not None else spec.key
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)
     batches = [(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
@@ -271,7 +294,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 if guidance is not None:
                     kwargs.update(guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
                 res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
-                                      shift=shift, solver=solver, model_key=spec.key, **kwargs, **cond)
+                                      shift=shift, solver=solver, model_key=model_key, **kwargs, **cond)
                 outputs[name].append(res.x)
                 nfe[name].append(res.nfe)
                 wall[name] += res.wall_seconds
@@ -287,7 +310,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "policy": policy_name,
         "policy_options": _jsonable(pol.options()),
         "backend": backend_name,
-        "model": spec.name,
+        "model": spec.name if export is None else str(model_name),
         "steps": steps,
         "solver": solver,
         "shift": shift,
@@ -441,16 +464,23 @@ def _print_summary(s: dict) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (scriptable).")
-def plugins(as_json):
+@click.pass_context
+def plugins(ctx, as_json):
     """List plugins and what each registers (policies, backends, models, commands)."""
     from .plugins import get_plugins
 
+    root = ctx.find_root().command
+    if isinstance(root, PluginGroup):
+        root._load_plugin_commands()  # so commands count in what each plugin registers
     rows = get_plugins().describe()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         what = "; ".join(f"{k}: {', '.join(v)}" for k, v in row["registers"].items() if v)
+        missing = {n: r for n, r in row.get("available", {}).items() if r is not True}
+        if missing:
+            what += " (" + "; ".join(f"{n} unavailable: {r}" for n, r in missing.items()) + ")"
         origin = "built-in" if row["builtin"] else f"{row['distribution']} {row['version']}"
         click.echo(f"{row['name']} ({origin}) {what}")
         if "error" in row:

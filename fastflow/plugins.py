@@ -202,6 +202,10 @@ class Plugins:
             if impl.plugin_name in self.info:
                 self.info[impl.plugin_name].registers["commands"].extend(sorted(set(cli.commands) - before))
 
+    def _availability(self, backend: str) -> str | bool:
+        """True, or why the backend cannot run here."""
+        return _availability_of(self.registry("backends")[backend].obj)
+
     def describe(self) -> list[dict]:
         """What ``fastflow plugins --json`` prints."""
         for kind in KINDS:
@@ -220,10 +224,20 @@ class Plugins:
                 "hooks": hooks,
                 "registers": info.registers,
             }
+            if info.registers["backends"]:
+                row["available"] = {name: self._availability(name) for name in info.registers["backends"]}
             if info.error:
                 row["error"] = info.error
             out.append(row)
         return out
+
+
+def _availability_of(factory) -> str | bool:
+    try:
+        ok, reason = factory().available()
+    except Exception as exc:  # availability must never break the listing
+        return f"{type(exc).__name__}: {exc}"
+    return True if ok else reason
 
 
 def _fastflow_version() -> str:

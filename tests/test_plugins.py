@@ -170,3 +170,10 @@ def test_every_hookspec_is_documented():
     assert specs, "no hookspecs found"
     for name in specs:
         assert re.search(rf"\b{name}\(", doc), f"docs/plugins.md does not document hook {name}"
+
+
+def test_plugins_lists_backend_availability(no_entry_points):
+    rows = {r["name"]: r for r in get_plugins().describe()}
+    assert rows["fastflow.backends.torch_backend"]["available"] == {"torch": True}
+    trt = rows["fastflow.backends.tensorrt_backend"]["available"]["tensorrt"]
+    assert trt is True or isinstance(trt, str) and trt  # a reason when it cannot run here
