@@ -19,13 +19,11 @@ Inputs are checked against the export's metadata: a wrong name, shape or dtype r
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
+from fastflow.export import RunnerCache
 from fastflow.hookspecs import hookimpl
 
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_CACHE_SIZE = 4
-_LOCK = threading.Lock()
+_SESSIONS = RunnerCache(4)
 
 
 class OnnxRuntimeBackend:
@@ -61,20 +59,11 @@ class OnnxRuntimeBackend:
             raise InputMismatchError(f"the onnxruntime backend runs on cpu or cuda, not {device}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        stat = exp.file.stat()
-        key = (str(exp.file.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
-        with _LOCK:
-            fn = _CACHE.get(key)
-            if fn is not None:
-                _CACHE.move_to_end(key)
-                return fn
-        exp.verify_file()
-        fn = OrtVelocity(exp, device)
-        with _LOCK:
-            _CACHE[key] = fn
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        return fn
+        def create():
+            exp.verify_file()
+            return OrtVelocity(exp, device)
+
+        return _SESSIONS.get_or_create(exp.file, device, create)
 
 
 class OrtVelocity:

@@ -12,13 +12,11 @@ call returns a freshly allocated output.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
+from fastflow.export import RunnerCache
 from fastflow.hookspecs import hookimpl
 
-_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_CACHE_SIZE = 2
-_LOCK = threading.Lock()
+_ENGINES = RunnerCache(2)
 
 
 class TensorRTBackend:
@@ -58,19 +56,7 @@ class TensorRTBackend:
             device = torch.device("cuda", torch.cuda.current_device())
         if dtype is not None and str(dtype).replace("torch.", "") != exp.inputs[0].dtype:
             raise InputMismatchError(f"{exp.file} takes {exp.inputs[0].dtype} inputs; it cannot run in {dtype}")
-        stat = exp.file.stat()
-        key = (str(exp.file.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
-        with _LOCK:
-            fn = _CACHE.get(key)
-            if fn is not None:
-                _CACHE.move_to_end(key)
-                return fn
-        fn = TrtRunner(exp, device)
-        with _LOCK:
-            _CACHE[key] = fn
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        return fn
+        return _ENGINES.get_or_create(exp.file, device, lambda: TrtRunner(exp, device))
 
 
 class TrtRunner:

@@ -232,6 +232,34 @@ class Exported:
         return tensors, dims
 
 
+class RunnerCache:
+    """Loaded sessions/engines, keyed by file (path, mtime, size) and device, least
+    recently used dropped first: run() loads its backend once per batch, and the
+    ONNX session or TensorRT engine behind it must not be rebuilt each time."""
+
+    def __init__(self, size: int):
+        from collections import OrderedDict
+
+        self.size = size
+        self._items: "OrderedDict[tuple, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_create(self, file: Path, device, create: Callable[[], Any]):
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_mtime_ns, stat.st_size, str(device))
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                return item
+        item = create()
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
