@@ -1,0 +1,42 @@
+"""The engine on a GPU: no device→host synchronisation inside the per-step loop.
+
+Skips without CUDA; scripts/gpu-check.sh runs it on a GPU machine.
+"""
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastflow  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def count_syncs(fn):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+@pytest.mark.parametrize("policy,options", [("none", {}), ("fixed", {"skip": 2}), ("ucb", {"mu": 1e-3}),
+                                            ("planned", {"nfe": 12})])
+def test_syncs_per_sample_do_not_grow_with_the_steps(policy, options):
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64)).cuda()
+    model = lambda x, t: net(x) * t.view(-1, 1)  # noqa: E731
+    pol = fastflow.get_policy(policy, **options)
+    x = torch.randn(8, 64, device="cuda")
+    counts = {}
+    for steps in (20, 60):
+        pol = fastflow.get_policy(policy, **options)
+        fastflow.sample(model, x, steps=steps, policy=pol)  # calibration sample for planned
+        counts[steps] = count_syncs(lambda: fastflow.sample(model, x, steps=steps, policy=pol))
+    assert counts[20] == counts[60], counts  # a constant number per sample, none per step
+    assert counts[60] <= 3, counts
