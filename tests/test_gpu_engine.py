@@ -39,4 +39,4 @@ def test_syncs_per_sample_do_not_grow_with_the_steps(policy, options):
         fastflow.sample(model, x, steps=steps, policy=pol)  # calibration sample for planned
         counts[steps] = count_syncs(lambda: fastflow.sample(model, x, steps=steps, policy=pol))
     assert counts[20] == counts[60], counts  # a constant number per sample, none per step
-    assert counts[60] <= 3, counts
+    assert counts[60] <= 4, counts
