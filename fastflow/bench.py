@@ -178,6 +178,8 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     methods.append(policy_method("ucb-cold", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"), warm=False))
     methods.append(policy_method("ucb-warm", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"),
                                  warm=True, warm_batches=2 if quick else 16))
+    methods.append(policy_method("ucb-norm-warm", "ucb-norm", "rewards in units of mu",
+                                 lambda: fastflow.get_policy("ucb-norm"), warm=True, warm_batches=2 if quick else 16))
     methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[0] if quick else budgets[1]}",
                                  lambda b=(budgets[0] if quick else budgets[1]): fastflow.get_policy("planned", nfe=b),
                                  warm=False))

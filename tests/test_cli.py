@@ -72,7 +72,7 @@ def test_ucb_state_file_round_trip_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--policy", "ubc"], "unknown policy 'ubc'. Did you mean 'ucb'? Known policies: fixed, none, planned, threshold, ucb"),
+    (["--policy", "ubc"], "unknown policy 'ubc'. Did you mean 'ucb'? Known policies: fixed, none, planned, threshold, ucb, ucb-norm"),
     (["--backend", "troch"], "unknown backend 'troch'. Did you mean 'torch'?"),
     (["--model", "gmn"], "unknown model 'gmn'. Did you mean 'gmm'?"),
     (["--policy", "fixed", "--option", "skip=-1"], "option skip must be an integer in [0, inf], got '-1'"),

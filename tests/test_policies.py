@@ -268,3 +268,14 @@ def test_planned_state_round_trip(tmp_path):
     assert out.nfe == 8 and [s.k for s in out.trace if s.computed] == pol.computed
     with pytest.raises(StateFileError, match="holds a plan for"):
         run(fastflow.get_policy("planned", nfe=9, state=str(path)), steps=20)
+
+
+def test_ucb_norm_measures_rewards_in_units_of_mu():
+    raw, norm = fastflow.get_policy("ucb", mu=0.02), fastflow.get_policy("ucb-norm", mu=0.02)
+    for seed in range(3):  # every arm is still untried somewhere: both make the same choices
+        a, b = run(raw, steps=16, seed=seed), run(norm, steps=16, seed=seed)
+        assert [s.computed for s in a.trace] == [s.computed for s in b.trace]
+    for br, bn in zip(raw.bandits, norm.bandits):
+        assert br.counts == bn.counts
+        assert bn.values == pytest.approx([v / 0.02 for v in br.values], rel=1e-9, abs=1e-12)
+    assert any(v != 0 for b in raw.bandits for v in b.values)
