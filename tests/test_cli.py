@@ -106,7 +106,7 @@ def test_plugins_command(tmp_path):
     result = invoke("plugins", "--json")
     rows = json.loads(result.output)
     ucb = next(r for r in rows if r["name"] == "fastflow.policies.ucb")
-    assert ucb["registers"]["policies"] == ["ucb"] and ucb["distribution"] == "fastflow"
+    assert ucb["registers"]["policies"] == ["ucb", "ucb-norm"] and ucb["distribution"] == "fastflow"
     assert "ucb" in invoke("plugins").output and "arms = '0,2,4,6'" in invoke("policies").output
 
 
