@@ -138,3 +138,9 @@ def test_run_a_diffusers_pipeline_folder(tmp_path):
     assert list((tmp_path / "o").glob("*.png"))
     result = invoke("run", "--model", str(folder), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and "--prompt" in result.output
+
+
+def test_demo_train_command_runs_a_tiny_training(tmp_path):
+    result = invoke("demo", "train", "--out", str(tmp_path / "m"), "--tiny", "--no-progress", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m" / "glyph_flow.json").exists()
