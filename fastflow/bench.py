@@ -267,10 +267,10 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
               quick: bool, out_dir: Path, ode_steps: int, cache_dir: Path, guidance=None, progress=print) -> dict:
     import torch
 
-    import fastflow
+    from .models import resolve_model
 
     torch.manual_seed(seed)
-    spec = fastflow.get_model(model_name)
+    spec = resolve_model(model_name)
     model = spec.build()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)

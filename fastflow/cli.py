@@ -226,6 +226,7 @@ def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | 
 def _run(model_name, backend_name, policy_name, options, steps, solver, shift, samples, batch_size, seed,
          labels, guidance, state_path, out_dir, compare, quiet, edit_path=None, strength=0.6):
     import fastflow
+    from .models import resolve_model
     from .metrics import max_abs_error, psnr
 
     from .export import is_export, read_export
@@ -240,7 +241,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
             raise UsageFailure(f"{model_name} is a {export.runtime_backend} export; use --backend "
                                f"{export.runtime_backend} (or leave --backend out)")
     else:
-        spec = fastflow.get_model(model_name)
+        spec = resolve_model(model_name)
     edit = None
     if edit_path is not None:
         if not labels:

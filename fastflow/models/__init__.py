@@ -41,3 +41,17 @@ class ModelSpec:
     def __post_init__(self):
         if not self.key:
             self.key = self.name
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A registered model name, or a folder of glyph-model weights (``glyph_flow.json``)."""
+    import os
+
+    from fastflow.plugins import get_plugins
+
+    models = get_plugins().registry("models")
+    if name not in models and os.path.isfile(os.path.join(str(name), "glyph_flow.json")):
+        from .glyphs import glyph_spec
+
+        return glyph_spec(str(name))
+    return get_plugins().get("models", name).obj

@@ -1,0 +1,319 @@
+"""Train the glyph flow model from a seed.
+
+    python -m fastflow.demo.train --out DIR --seed 0
+
+Objective (rectified flow, fastflow's convention): ``x_t = t * noise + (1 - t) * x0``
+with ``t`` logit-normal (sigmoid of a standard normal), the model regresses
+``v = noise - x0`` with an MSE loss.  Labels are replaced by the null label
+with probability ``label_dropout`` so the model also learns the unconditional
+velocity used by classifier-free guidance.  AdamW, linear warm-up then cosine
+decay, gradient clipping, bfloat16 autocast, and an exponential moving average
+(EMA) of the weights; the EMA weights are what is saved.
+
+The reference recipe (the embedded weights) is the default arguments with
+``seed=0`` (:data:`RECIPE`).  It runs in stages, each restarting the optimizer
+from the previous stage's EMA weights, so it can also be run (or extended) in
+pieces::
+
+    python -m fastflow.demo.train --out DIR1 --seed 0 --steps 3200        # = stage 1
+    python -m fastflow.demo.train --out DIR --seed 0 --init-from DIR1 --start-stage 2
+
+It is step-based, so it is reproducible independently of speed (``--minutes``
+is only an optional safety cap, which makes a run time-dependent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import NULL_LABEL, NUM_CLASSES
+from . import glyphs
+from .model import DEFAULT_CONFIG, TINY_CONFIG, GlyphFlow, count_parameters, save_glyph_flow
+
+#: the reference recipe of the embedded model.  Training runs in stages: stage 1 from scratch; every
+#: later stage restarts AdamW (fresh moments, warm-up then cosine decay, new data order) from the
+#: previous stage's EMA weights rounded to float16 -- exactly what ``--init-from DIR --start-stage 2``
+#: does with a saved stage-1 model, so a long recipe can also be run in pieces.
+RECIPE = {
+    "stages": [
+        {"steps": 3200, "lr": 1e-3, "warmup_steps": 100},
+        {"steps": 2400, "lr": 5e-4, "warmup_steps": 50},
+    ],
+    "batch_size": 64,
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.0,
+    "betas": (0.9, 0.99),
+    "grad_clip": 1.0,
+    "ema_decay": 0.999,
+    "label_dropout": 0.1,
+    "num_data": 100_000,
+    "time_sampling": "logit-normal(0, 1)",
+    "autocast": "bfloat16",
+}
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _log(msg: str, bar=None) -> None:
+    if bar is not None:
+        bar.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def train_glyph_flow(
+    out_dir: str,
+    *,
+    seed: int = 0,
+    minutes: float | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    tiny: bool = False,
+    progress: bool = True,
+    log_every: int = 50,
+    sample_dir: str | None = None,
+    sample_every: int = 250,
+    checkpoint_every: int = 500,
+    num_data: int | None = None,
+    threads: int | None = 2,
+    amp: bool = True,
+    config: dict | None = None,
+    init_from: str | None = None,
+    start_stage: int = 1,
+) -> str:
+    """Train a :class:`~fastflow.demo.model.GlyphFlow` and save its EMA weights to ``out_dir``.
+
+    Default: the reference recipe (:data:`RECIPE`, all its stages).  ``steps``
+    (and ``lr``) replace it by a single stage of that length.  ``init_from`` (a
+    saved model directory) with ``start_stage=k`` runs only stages ``k, k+1, ...``
+    starting from that model's weights.  ``tiny=True`` uses
+    :data:`~fastflow.demo.model.TINY_CONFIG`, 3 steps of batch 8 on 64 images
+    (seconds; for tests).  ``sample_dir`` gets a PNG grid of EMA samples (one per
+    class, 20 Euler steps, guidance 3) every ``sample_every`` steps.  ``minutes``
+    is an optional wall-clock cap.  Returns ``out_dir``.
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
+    if tiny:
+        steps = 3 if steps is None else steps
+        batch_size = 8 if batch_size is None else batch_size
+        num_data = 64 if num_data is None else num_data
+        config = TINY_CONFIG if config is None else config
+        amp = False
+    if steps is not None:
+        stages = [{"steps": int(steps), "lr": float(lr) if lr is not None else RECIPE["stages"][0]["lr"],
+                   "warmup_steps": min(RECIPE["stages"][0]["warmup_steps"], max(1, int(steps) // 10))}]
+    else:
+        stages = [dict(st) for st in RECIPE["stages"]]
+        if lr is not None:
+            stages[0]["lr"] = float(lr)
+    if not 1 <= start_stage <= len(stages):
+        raise ValueError(f"start_stage must be in 1..{len(stages)}")
+    if start_stage > 1 and init_from is None:
+        raise ValueError("start_stage > 1 needs init_from (the model saved after the previous stage)")
+    batch_size = RECIPE["batch_size"] if batch_size is None else int(batch_size)
+    num_data = RECIPE["num_data"] if num_data is None else int(num_data)
+    t_start = time.time()
+
+    torch.manual_seed(seed)
+    if init_from is not None:
+        from .model import load_glyph_flow
+
+        model = load_glyph_flow(init_from)  # weights as saved (float16-rounded EMA), float32
+        model.requires_grad_(True)
+        if config is not None and config.get("transformer") != model.config.get("transformer"):
+            raise ValueError(f"{init_from} has a different transformer config than requested")
+    else:
+        model = GlyphFlow(config if config is not None else DEFAULT_CONFIG)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = count_parameters(model)
+
+    data_seed = glyphs.FLOW_TRAIN_SEED + seed
+    t0 = time.time()
+    images, labels = glyphs.make_dataset(num_data, data_seed)
+    data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
+    data_labels = torch.from_numpy(labels)
+    render_s = time.time() - t0
+    run_stages = list(range(start_stage - 1, len(stages)))
+    total_steps = sum(stages[i]["steps"] for i in run_stages)
+    _log(f"[glyph-flow] {n_params / 1e6:.2f}M parameters; rendered {num_data} glyphs (seed {data_seed}) "
+         f"in {render_s:.1f}s; stages {[stages[i] for i in run_stages]} x batch {batch_size}, "
+         f"threads {torch.get_num_threads()}")
+
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, desc="glyph-flow", unit="it", dynamic_ncols=True,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        except ImportError:  # pragma: no cover - tqdm ships with diffusers' deps
+            bar = None
+
+    def ema_update(decay: float) -> None:
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm.detach(), 1.0 - decay)
+
+    def write_samples(tag: str) -> None:
+        if sample_dir is None:
+            return
+        from .evaluate import sample_euler
+        from .metrics import save_image_grid
+
+        labs = torch.arange(NUM_CLASSES)
+        imgs = sample_euler(ema, labs, seed=0, steps=20, guidance=3.0)
+        save_image_grid(imgs, os.path.join(sample_dir, f"{tag}.png"), nrow=NUM_CLASSES, scale=2)
+
+    history: list[dict] = []
+    if init_from is not None:  # keep the record of the stages that produced the starting model
+        prev = model.config.get("training") or {}
+        if prev.get("completed"):
+            history.extend(h for h in prev["completed"] if h.get("stage", 0) < start_stage)
+        elif "steps" in prev:
+            history.append({"stage": 1, "steps": prev["steps"], "lr": prev.get("lr"),
+                            "wall_seconds": prev.get("wall_seconds")})
+
+    def recipe_summary(final_loss: float, done: bool) -> dict:
+        return {"training": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPE.items() if k != "stages"},
+            "stages": stages, "completed": history, "finished": done,
+            "seed": seed, "batch_size": batch_size, "num_data": num_data, "data_seed": data_seed, "amp": amp,
+            "init_from_stage": start_stage, "final_loss_ema100": final_loss,
+            "wall_seconds": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "machine": platform.machine(),
+        }}
+
+    losses: list[float] = []
+    global_step = sum(int(stages[i]["steps"]) for i in range(start_stage - 1))  # EMA warm-up continues
+    stopped = False
+    for si in run_stages:
+        st = stages[si]
+        n_steps, stage_lr = int(st["steps"]), float(st["lr"])
+        warmup = min(int(st["warmup_steps"]), max(1, n_steps // 10))
+        if si > start_stage - 1:
+            # next stage: restart from the EMA weights, rounded to float16 like a saved model
+            with torch.no_grad():
+                for pm, pe in zip(model.parameters(), ema.parameters()):
+                    pe.copy_(pe.half().float())
+                    pm.copy_(pe)
+        opt = torch.optim.AdamW(model.parameters(), lr=stage_lr, betas=RECIPE["betas"],
+                                weight_decay=RECIPE["weight_decay"])
+        gen = torch.Generator().manual_seed(seed + 12345 + 1000 * si)
+        perm = torch.randperm(num_data, generator=gen)
+        pos = 0
+        last_log = time.time()
+        done_steps = 0
+        for step in range(n_steps):
+            if minutes is not None and time.time() - t_start > minutes * 60:
+                _log(f"[glyph-flow] time cap of {minutes} min reached in stage {si + 1} at step {step}", bar)
+                stopped = True
+                break
+            if pos + batch_size > num_data:
+                perm = torch.randperm(num_data, generator=gen)
+                pos = 0
+            idx = perm[pos:pos + batch_size]
+            pos += batch_size
+            x0 = data[idx].float() / 127.5 - 1.0
+            lab = data_labels[idx].clone()
+            drop = torch.rand(batch_size, generator=gen) < RECIPE["label_dropout"]
+            lab[drop] = NULL_LABEL
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.sigmoid(torch.randn(batch_size, generator=gen))
+            tt = t.view(-1, 1, 1, 1)
+            xt = tt * noise + (1 - tt) * x0
+            target = noise - x0
+
+            cur_lr = _lr_at(step, n_steps, stage_lr, warmup, RECIPE["min_lr_ratio"])
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                v = model(xt, t, label=lab)
+            loss = (v.float() - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
+            opt.step()
+            ema_update(min(RECIPE["ema_decay"], (1 + global_step) / (10 + global_step)))
+            losses.append(loss.detach().item())
+            global_step += 1
+            done_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if log_every and ((step + 1) % log_every == 0 or step + 1 == n_steps):
+                now = time.time()
+                n_recent = min(log_every, len(losses))
+                _log(f"[glyph-flow] stage {si + 1} step {step + 1}/{n_steps} loss {np.mean(losses[-n_recent:]):.4f} "
+                     f"lr {cur_lr:.2e} {(now - last_log) / n_recent:.2f}s/it elapsed {(now - t_start) / 60:.1f}min",
+                     bar)
+                last_log = now
+            if sample_every and (step + 1) % sample_every == 0:
+                write_samples(f"stage{si + 1}_step{step + 1:06d}")
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
+                save_glyph_flow(ema, out_dir, extra=recipe_summary(
+                    float(np.mean(losses[-100:])), False) | {"checkpoint": {"stage": si + 1, "step": step + 1}})
+        history.append({"stage": si + 1, "steps": done_steps, "lr": stage_lr,
+                        "wall_seconds": round(time.time() - t_start, 1)})
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+    final = float(np.mean(losses[-100:])) if losses else float("nan")
+    save_glyph_flow(ema, out_dir, extra=recipe_summary(final, not stopped))
+    write_samples("final")
+    _log(f"[glyph-flow] done: {sum(h['steps'] for h in history if h['stage'] >= start_stage)} steps in {(time.time() - t_start) / 60:.1f} min, final loss {final:.4f}; "
+         f"saved to {out_dir}")
+    return out_dir
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastflow.demo.train",
+                                 description="Train the fastflow glyph demo model (reference recipe by default).")
+    ap.add_argument("--out", required=True, help="output model directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="single-stage run of this many steps (default: the recipe's stages)")
+    ap.add_argument("--batch-size", type=int, default=None, help=f"default {RECIPE['batch_size']}")
+    ap.add_argument("--lr", type=float, default=None, help="peak lr of the (first) stage")
+    ap.add_argument("--init-from", default=None, help="start from this saved model (with --start-stage)")
+    ap.add_argument("--start-stage", type=int, default=1, help="first recipe stage to run (needs --init-from if > 1)")
+    ap.add_argument("--minutes", type=float, default=None, help="optional wall-clock cap (makes the run time-dependent)")
+    ap.add_argument("--num-data", type=int, default=None, help=f"default {RECIPE['num_data']}")
+    ap.add_argument("--tiny", action="store_true", help="tiny config and 3 steps (smoke test)")
+    ap.add_argument("--samples", default=None, help="directory for periodic sample grids")
+    ap.add_argument("--sample-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--prediction", choices=["v", "x0"], default=None,
+                    help="network output parametrisation (the model always returns v); default from the config")
+    args = ap.parse_args(argv)
+    config = None
+    if args.prediction is not None and not args.tiny:
+        config = {**DEFAULT_CONFIG, "prediction": args.prediction}
+    train_glyph_flow(args.out, seed=args.seed, minutes=args.minutes, steps=args.steps, batch_size=args.batch_size,
+                     lr=args.lr, tiny=args.tiny, progress=not args.no_progress, log_every=args.log_every,
+                     sample_dir=args.samples, sample_every=args.sample_every, num_data=args.num_data,
+                     threads=args.threads, amp=not args.no_amp, config=config,
+                     init_from=args.init_from, start_stage=args.start_stage)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
