@@ -83,7 +83,7 @@ def _policy_names() -> str:
         return "see `fastflow plugins`"
 
 
-DEFAULT_MODEL = "gmm"
+DEFAULT_MODEL = "glyphs"
 
 
 @cli.command()
