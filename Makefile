@@ -19,14 +19,16 @@ run: $(VENV)/bin/python
 
 test: $(VENV)/bin/python
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[dev]" ./plugins/fastflow-egreedy
+	$(PIP) install -e ".[dev]"
+	$(PIP) install ./plugins/fastflow-egreedy  # after fastflow: it depends on it
 	$(VENV)/bin/pytest
 
 # The same suite against a regular (non-editable) install in its own environment.
 test-installed:
 	$(PY) -m venv .venv-installed
 	.venv-installed/bin/pip -q --disable-pip-version-check install "$(TORCH)"
-	.venv-installed/bin/pip -q --disable-pip-version-check install ".[dev]" ./plugins/fastflow-egreedy
+	.venv-installed/bin/pip -q --disable-pip-version-check install ".[dev]"
+	.venv-installed/bin/pip -q --disable-pip-version-check install ./plugins/fastflow-egreedy
 	FASTFLOW_EXPECT_INSTALLED=1 .venv-installed/bin/pytest
 
 clean:
