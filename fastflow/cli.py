@@ -131,9 +131,12 @@ DEFAULT_MODEL = "glyphs"
               help="Pipelines that edit or extend an image (Kontext, img2img): the input image.")
 @click.option("--dtype", default=None, type=click.Choice(["bf16", "fp16", "fp32"]), help="Pipelines: weights dtype.")
 @click.option("--device", default=None, help="Pipelines: torch device (default: cuda if available).")
+@click.option("--export", "export_dir", default=None, type=click.Path(file_okay=False),
+              help="Pipelines: a denoiser export (fastflow export --prompt ...) to run with --backend "
+                   "onnxruntime/tensorrt.")
 def run(model_name, backend, policy, options, steps, solver, shift, samples, batch_size, seed, labels,
         guidance, state_path, out_dir, as_json, compare, edit_path, strength, prompt, negative_prompt,
-        height, width, num_frames, image_path, dtype, device):
+        height, width, num_frames, image_path, dtype, device, export_dir):
     """Generate samples with a skip policy and report NFE, speed-up and fidelity.
 
     \b
@@ -150,7 +153,7 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
         if prompt is not None or (model_name and _is_pipeline_ref(model_name)):
             summary = _run_pipeline(model_name, prompt, policy, _parse_options(options), steps, seed, guidance,
                                     out_dir, state_path, compare, negative_prompt, height, width, num_frames,
-                                    image_path, dtype, device, backend)
+                                    image_path, dtype, device, backend, export_dir)
             if as_json:
                 click.echo(json.dumps(summary))
             else:
@@ -179,15 +182,25 @@ def _is_pipeline_ref(model_name: str) -> bool:
 
 
 def _run_pipeline(model, prompt, policy, options, steps, seed, guidance, out_dir, state_path, compare,
-                  negative_prompt, height, width, num_frames, image_path, dtype, device, backend):
+                  negative_prompt, height, width, num_frames, image_path, dtype, device, backend, export_dir=None):
     model = model or DEFAULT_MODEL
     if prompt is None:
         raise UsageFailure(f"--model {model} is a diffusers pipeline: give a text with --prompt")
-    if backend != "torch":
-        raise UsageFailure("diffusers pipelines run on the torch backend; drop --backend")
+    if export_dir is not None and backend == "torch":
+        from .export import read_export
+
+        backend = read_export(export_dir).runtime_backend
+    if backend != "torch":  # the pipeline's denoiser is replaced by the exported graph or engine
+        if export_dir is None:
+            raise UsageFailure(f"--backend {backend} with --prompt runs an exported denoiser: give --export DIR "
+                               f"(make one with: fastflow export --backend onnx --model {model} --prompt ... --out DIR)")
+        from .pipeline_backends import load_pipeline, swap_denoiser
+
+        model, _ = load_pipeline(model, device=device or "cpu", dtype=dtype or "fp32")
+        swap_denoiser(model, export_dir, backend=backend)
     from .plugins import get_plugins
 
-    if model in get_plugins().registry("models"):  # a registered fastflow model, not a folder or Hub id
+    if isinstance(model, str) and model in get_plugins().registry("models"):  # a registered model, not a folder
         if model != "glyphs":
             raise UsageFailure(f"model '{model}' has no diffusers pipeline; drop --prompt (use --label)")
         from .demo.pipeline import glyph_pipeline

@@ -1141,7 +1141,12 @@ def register_commands(cli):
                   help="Max abs error allowed against PyTorch, scaled by max(1, |v|max) "
                        "(default 1e-3 for ONNX; TensorRT 1e-2 fp32, 5e-2 fp16, 0.2 bf16).")
     @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
-    def export(backend, model, out_dir, precision, min_batch, opt_batch, max_batch, opset, tolerance, as_json):
+    @click.option("--prompt", default=None, help="Export the denoiser of a diffusers pipeline (--model glyphs, "
+                  "a folder or Hub id) as it is called for this prompt; run it with fastflow run --export DIR.")
+    @click.option("--height", default=None, type=click.IntRange(min=8), help="With --prompt: image height.")
+    @click.option("--width", default=None, type=click.IntRange(min=8), help="With --prompt: image width.")
+    def export(backend, model, out_dir, precision, min_batch, opt_batch, max_batch, opset, tolerance, as_json,
+               prompt, height, width):
         """Export a model to ONNX or build a TensorRT engine, verified against PyTorch.
 
         \b
@@ -1157,6 +1162,20 @@ def register_commands(cli):
         """
         from .cli import UsageFailure
 
+        if prompt is not None:  # a pipeline's denoiser, swapped in by run --export
+            if backend != "onnx":
+                raise UsageFailure("--prompt exports a pipeline denoiser to ONNX: use --backend onnx")
+            if out_dir is None:
+                raise UsageFailure("--prompt needs --out DIR")
+            from .pipeline_backends import export_pipeline_denoiser
+
+            try:
+                exp = export_pipeline_denoiser(model, prompt, out_dir, height=height, width=width,
+                                               log=(lambda m: None) if as_json else _stderr)
+            except FastFlowError as exc:
+                raise UsageFailure(str(exc)) from None
+            click.echo(json.dumps({**exp.meta, "dir": str(exp.dir)}, indent=1) if as_json else f"exported {exp.dir}")
+            return
         try:
             exp = run_export(backend, model, out_dir, precision=precision, opset=opset, tolerance=tolerance,
                              min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,

@@ -144,3 +144,33 @@ def test_demo_train_command_runs_a_tiny_training(tmp_path):
     result = invoke("demo", "train", "--out", str(tmp_path / "m"), "--tiny", "--no-progress", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "glyph_flow.json").exists()
+
+
+def test_pipeline_denoiser_exported_and_swapped_in_from_the_cli(tmp_path):
+    """fastflow export --prompt, then run --export: ONNX Runtime inside the diffusers loop."""
+    pytest.importorskip("onnxruntime")
+    from fastflow.diffusers_tiny import tiny_pipeline
+
+    folder = tmp_path / "tiny-flux"
+    tiny_pipeline("flux").save_pretrained(folder)
+    exp = tmp_path / "denoiser"
+    result = invoke("export", "--backend", "onnx", "--model", str(folder), "--prompt", "a cat",
+                    "--height", "32", "--width", "32", "--out", str(exp))
+    assert result.exit_code == 0, result.output
+    args = ["run", "--model", str(folder), "--prompt", "a cat", "--policy", "fixed", "--steps", "8",
+            "--height", "32", "--width", "32", "--json"]
+    torch_run = invoke(*args, "--out", str(tmp_path / "t"))
+    ort_run = invoke(*args, "--backend", "onnxruntime", "--export", str(exp), "--out", str(tmp_path / "o"))
+    assert torch_run.exit_code == 0 and ort_run.exit_code == 0, ort_run.output
+    a, b = json.loads(torch_run.stdout), json.loads(ort_run.stdout)
+    assert a["nfe_mean"] == b["nfe_mean"] == 4
+    import numpy as np
+    from PIL import Image
+
+    (pa,), (pb,) = sorted((tmp_path / "t").glob("*.png"))[:1], sorted((tmp_path / "o").glob("*.png"))[:1]
+    ia = np.asarray(Image.open(pa), dtype=np.float64)
+    ib = np.asarray(Image.open(pb), dtype=np.float64)
+    mse = ((ia - ib) ** 2).mean()
+    assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40
+    bad = invoke("run", "--model", str(folder), "--prompt", "a cat", "--backend", "onnxruntime", "--out", str(tmp_path))
+    assert bad.exit_code == 2 and "--export DIR" in bad.output
