@@ -123,6 +123,16 @@ class Policy:
         return f"{type(self).__name__}({opts})"
 
 
+def skips_until_computed(computed, steps: int) -> list[int]:
+    """For each step k, how many steps from k to the next step in ``computed``
+    (0 where k itself is computed): what ``decide(k)`` returns for a fixed plan."""
+    wanted = set(computed)
+    skips = [0] * (steps + 1)
+    for k in range(steps - 1, -1, -1):
+        skips[k] = 0 if k in wanted else skips[k + 1] + 1
+    return skips
+
+
 def _ceil(x: float) -> int:
     import math
 

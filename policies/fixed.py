@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastflow.errors import OptionError
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_int, opt_int_list
+from fastflow.policy import Policy, PolicyRun, opt_int, opt_int_list, skips_until_computed
 
 
 class _FixedRun(PolicyRun):
@@ -43,10 +43,7 @@ class FixedPolicy(Policy):
                 bad = [c for c in self.compute if c >= steps]
                 if bad:
                     raise OptionError(f"option compute lists step {bad[0]}, but the schedule has steps 0..{steps - 1}")
-                wanted = set(self.compute)
-                plan = [0] * (steps + 1)
-                for k in range(steps - 1, -1, -1):  # skip until the next listed step
-                    plan[k] = 0 if k in wanted else plan[k + 1] + 1
+                plan = skips_until_computed(self.compute, steps)
             self._plans[steps] = plan
         return plan
 

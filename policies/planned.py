@@ -24,7 +24,7 @@ import math
 
 from fastflow.errors import OptionError, StateFileError
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_float, opt_int
+from fastflow.policy import Policy, PolicyRun, opt_float, opt_int, skips_until_computed
 from fastflow.state import read_state, write_state
 
 
@@ -170,11 +170,7 @@ class PlannedPolicy(Policy):
         steps = self.key["steps"]
         room = self.run_lengths(steps)
         self.computed = solve_plan(self.costs, steps, room, self.warmup, self.budget(steps), self.max_skip)
-        wanted = set(self.computed)
-        skips = [0] * (steps + 1)
-        for k in range(steps - 1, -1, -1):
-            skips[k] = 0 if k in wanted else skips[k + 1] + 1
-        self._skips = skips
+        self._skips = skips_until_computed(self.computed, steps)
 
     def _load(self, data: dict, key: dict) -> None:
         if data.get("key") != key:
@@ -193,11 +189,7 @@ class PlannedPolicy(Policy):
         self.calibrated = int(data.get("calibrated", 0))
         if computed:
             self.computed = computed
-            wanted = set(computed)
-            skips = [0] * (key["steps"] + 1)
-            for k in range(key["steps"] - 1, -1, -1):
-                skips[k] = 0 if k in wanted else skips[k + 1] + 1
-            self._skips = skips
+            self._skips = skips_until_computed(computed, key["steps"])
 
     def _plan_options(self, steps: int) -> dict:
         return {"nfe": self.budget(steps), "max_skip": self.max_skip, "warmup": self.warmup,
