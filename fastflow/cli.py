@@ -469,7 +469,8 @@ def _print_summary(s: dict) -> None:
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
             f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")))
-        rows.append(("feature FID", f"{s['fid_feature']:.3f}"))
+        if s.get("fid_feature") is not None:
+            rows.append(("feature FID", f"{s['fid_feature']:.3f}"))
     rows.append(("outputs", s["out"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

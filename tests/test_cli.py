@@ -174,3 +174,42 @@ def test_pipeline_denoiser_exported_and_swapped_in_from_the_cli(tmp_path):
     assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40
     bad = invoke("run", "--model", str(folder), "--prompt", "a cat", "--backend", "onnxruntime", "--out", str(tmp_path))
     assert bad.exit_code == 2 and "--export DIR" in bad.output
+
+
+@pytest.mark.parametrize("case", ["label", "strength", "missing_image", "not_an_image", "wrong_size",
+                                  "corrupt_weights", "edit_without_label"])
+def test_glyph_model_bad_input_exits_2_naming_it(tmp_path, case):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
+    args = {
+        "label": (["--label", "?"], "unknown --label '?'"),
+        "strength": (["--edit", str(img), "--label", "A", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        "missing_image": (["--edit", str(tmp_path / "nope.png"), "--label", "A"], "does not exist"),
+        "not_an_image": (["--edit", str(tmp_path / "junk.png"), "--label", "A"], "is not a readable image"),
+        "wrong_size": (["--edit", str(tmp_path / "big.png"), "--label", "A"], "needs 32x32 RGB"),
+        "corrupt_weights": (["--model", str(tmp_path / "weights")], str(tmp_path / "weights")),
+        "edit_without_label": (["--edit", str(img)], "--edit needs --label"),
+    }[case]
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    Image.new("RGB", (64, 48)).save(tmp_path / "big.png")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "glyph_flow.json").write_text("{broken")
+    result = invoke("run", "--samples", "1", "--out", str(tmp_path / "o"), *args[0])
+    assert result.exit_code == 2, result.output
+    assert args[1] in result.output
+
+
+def test_edit_writes_before_and_after(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "in.png"
+    Image.new("RGB", (32, 32), (20, 20, 200)).save(img)
+    result = invoke("run", "--edit", str(img), "--label", "B", "--strength", "0.5", "--steps", "10",
+                    "--policy", "fixed", "--json", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["nfe_full"] == 10 and s["nfe_mean"] < 5 + 1  # 5 steps of the tail, some skipped
+    for name in ("before.png", "after.png", "after_reference.png", "grid.png"):
+        assert (tmp_path / "o" / name).exists(), name

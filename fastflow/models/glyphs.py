@@ -64,8 +64,10 @@ def evaluate_glyphs(samples, labels) -> dict:
     if _REAL_FEATURES is None:
         real, _ = make_dataset(1024, seed=EVAL_SEED)
         _REAL_FEATURES = features(to_tensor(real))
-    return {"class_accuracy": float(class_accuracy(samples, labels)),
-            "fid_feature": float(frechet_distance(features(samples), _REAL_FEATURES))}
+    fid = None  # a Fréchet distance needs at least two samples to fit a covariance
+    if samples.shape[0] >= 2:
+        fid = float(frechet_distance(features(samples), _REAL_FEATURES))
+    return {"class_accuracy": float(class_accuracy(samples, labels)), "fid_feature": fid}
 
 
 @hookimpl
