@@ -591,6 +591,31 @@ def _now() -> str:
 
 
 # -- ONNX export ------------------------------------------------------------------------------------
+def dynamo_export(module, args: tuple, names: list[str], output_names: list[str], dynamic_shapes,
+                  onnx_path: Path, opset: int | None, label: str):
+    """torch.onnx.export(dynamo=True) to ``onnx_path``, failures as :class:`ExportError`;
+    returns the graph's (input specs, output specs, proto), inputs checked against ``names``."""
+    import torch
+
+    kwargs = {} if opset is None else {"opset_version": int(opset)}
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(module, args, dynamo=True, input_names=names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, verbose=False, **kwargs)
+            program.save(str(onnx_path))
+    except FastFlowError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()
+        raise ExportError(f"torch.onnx.export failed for {label}: {type(exc).__name__}: "
+                          f"{msg[0] if msg else ''}") from exc
+    proto = _load_onnx_proto(onnx_path)
+    ins, outs = _onnx_specs(proto)
+    if [s.name for s in ins] != names:
+        raise ExportError(f"the exported graph's inputs are {[s.name for s in ins]}, expected {names}")
+    return ins, outs, proto
+
+
 def export_onnx(model: Any, out_dir: str | os.PathLike, example_inputs: dict | None = None, *,
                 model_name: str | None = None, model_key: str | None = None, opset: int | None = None,
                 tolerance: float | None = None, verify: bool = True, compute_dtype=None,
@@ -641,24 +666,9 @@ def export_onnx(model: Any, out_dir: str | os.PathLike, example_inputs: dict | N
         log(f"exporting {model_name or type(fn).__name__} to ONNX (torch.onnx.export, dynamo) ...")
         started = time.perf_counter()
         batch = torch.export.Dim(BATCH_DIM, min=1, max=max_batch)
-        kwargs = {} if opset is None else {"opset_version": int(opset)}
-        try:
-            with _quiet_exporter(), torch.no_grad():
-                program = torch.onnx.export(
-                    wrapped, args, dynamo=True, input_names=names, output_names=["v"],
-                    dynamic_shapes=(tuple({0: batch} for _ in args),), verbose=False, **kwargs)
-                program.save(str(onnx_path))
-        except FastFlowError:
-            raise
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            raise ExportError(f"torch.onnx.export failed for {model_name or type(fn).__name__}: "
-                              f"{type(exc).__name__}: {msg[0] if msg else ''}") from exc
+        ins, outs, proto = dynamo_export(wrapped, args, names, ["v"], (tuple({0: batch} for _ in args),),
+                                         onnx_path, opset, model_name or type(fn).__name__)
         export_seconds = time.perf_counter() - started
-        proto = _load_onnx_proto(onnx_path)
-        ins, outs = _onnx_specs(proto)
-        if [s.name for s in ins] != names:
-            raise ExportError(f"the exported graph's inputs are {[s.name for s in ins]}, expected {names}")
         graph_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         del proto
 

@@ -46,8 +46,8 @@ from typing import Any, Callable, Sequence
 from .errors import FastFlowError, MissingDependencyError
 from .export import (
     BATCH_DIM, DEFAULT_TOLERANCE, FORMAT, FORMAT_VERSION, ONNX_FILE, ONNX_REQUIRES, ArtifactError, ExportError,
-    ExportVerificationError, Exported, InputMismatchError, _fastflow_version, _load_onnx_proto, _max_error, _now,
-    _onnx_specs, _publish, _quiet_exporter, _require, _staging, _version, dtype_name, ort_session, read_export,
+    ExportVerificationError, Exported, InputMismatchError, _fastflow_version, _max_error, _now,
+    _publish, _require, _staging, dynamo_export, _version, dtype_name, ort_session, read_export,
     source_sha256, sha256_file, torch_dtype,
 )
 
@@ -303,26 +303,10 @@ def export_denoiser(pipe, out_dir: str | os.PathLike, *, example_call: dict | No
         onnx_path = tmp / ONNX_FILE
         log(f"exporting {type(module).__name__} (pipe.{attr}) to ONNX (torch.onnx.export, dynamo) ...")
         started = time.perf_counter()
-        kwargs = {} if opset is None else {"opset_version": int(opset)}
-        try:
-            with _quiet_exporter(), torch.no_grad():
-                program = torch.onnx.export(
-                    wrapped, tuple(cpu_example.values()), dynamo=True, input_names=names,
-                    output_names=[OUTPUT_NAME],
-                    dynamic_shapes=(tuple({0: dyn} if n in batched else None for n in names),), verbose=False,
-                    **kwargs)
-                program.save(str(onnx_path))
-        except FastFlowError:
-            raise
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            raise ExportError(f"torch.onnx.export failed for {type(module).__name__}: {type(exc).__name__}: "
-                              f"{msg[0] if msg else ''}") from exc
+        ins, outs, proto = dynamo_export(
+            wrapped, tuple(cpu_example.values()), names, [OUTPUT_NAME],
+            (tuple({0: dyn} if n in batched else None for n in names),), onnx_path, opset, type(module).__name__)
         export_seconds = time.perf_counter() - started
-        proto = _load_onnx_proto(onnx_path)
-        ins, outs = _onnx_specs(proto)
-        if [s.name for s in ins] != names:
-            raise ExportError(f"the exported graph's inputs are {[s.name for s in ins]}, expected {names}")
         for s in ins:  # the exporter names the dynamic dimension after the Dim; make sure of it
             if s.name in batched and not isinstance(s.shape[0], str):
                 raise ExportError(f"the exported graph fixed the batch dimension of '{s.name}' to {s.shape[0]}; "
