@@ -202,6 +202,35 @@ def test_staged_recipe_resumes_exactly(tmp_path, monkeypatch):
     assert [h["stage"] for h in done] == [1, 2]
 
 
+def test_time_sampling_laws():
+    from fastflow.demo.train import parse_time_sampling
+
+    g = torch.Generator().manual_seed(0)
+    u = parse_time_sampling("uniform")(20000, g)
+    assert 0 <= u.min() and u.max() <= 1 and abs(u.mean().item() - 0.5) < 0.01
+    t = parse_time_sampling("logit-normal(2, 0.5)")(20000, g)
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item() - 2.0) < 0.02 and abs(logit.std().item() - 0.5) < 0.02
+    # the recipe's default law is the plain sigmoid of a standard normal, bit for bit
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(parse_time_sampling("logit-normal(0, 1)")(64, g1), torch.sigmoid(torch.randn(64, generator=g2)))
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        parse_time_sampling("beta(2, 2)")
+
+
+def test_diverging_training_stops_with_a_clear_error(tmp_path):
+    from fastflow.demo.train import train_glyph_flow
+
+    with pytest.raises(FloatingPointError, match="training diverged.*--lr"):
+        train_glyph_flow(str(tmp_path / "m"), tiny=True, steps=3, lr=float("inf"), progress=False, log_every=1)
+
+
+def test_parallel_rendering_is_identical():
+    a, la = glyphs.make_dataset(4200, 7)
+    b, lb = glyphs.make_dataset(4200, 7, workers=2)
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+
+
 def test_patchify_roundtrip():
     from fastflow.demo.model import TINY_CONFIG, GlyphFlow
 

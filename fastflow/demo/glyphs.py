@@ -165,10 +165,28 @@ def balanced_labels(n: int, seed: int) -> np.ndarray:
     return labels
 
 
-def make_dataset(n: int, seed: int, *, fonts: str = "default") -> tuple[np.ndarray, np.ndarray]:
-    """``n`` class-balanced glyphs: (uint8 images (n, 32, 32, 3), int64 labels (n,))."""
+def _render_chunk(args) -> np.ndarray:
+    labels, seed, start, fonts = args
+    return render_batch(labels, seed, start_index=start, fonts=fonts)
+
+
+def make_dataset(n: int, seed: int, *, fonts: str = "default", workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` class-balanced glyphs: (uint8 images (n, 32, 32, 3), int64 labels (n,)).
+
+    ``workers > 1`` renders in that many processes; the result is identical (image ``k``
+    depends on ``(seed, k)`` alone)."""
     labels = balanced_labels(n, seed)
-    return render_batch(labels, seed, fonts=fonts), labels
+    if workers <= 1 or n < 4096:
+        return render_batch(labels, seed, fonts=fonts), labels
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = np.linspace(0, n, 4 * workers + 1).astype(int)
+    jobs = [(labels[a:b], seed, int(a), fonts) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        chunks = list(ex.map(_render_chunk, jobs))
+    return np.concatenate(chunks), labels
 
 
 def to_tensor(images: np.ndarray):

@@ -29,6 +29,7 @@ import copy
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -68,6 +69,19 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> f
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def parse_time_sampling(spec: str):
+    """``"logit-normal(m, s)"`` -> t = sigmoid(m + s * N(0, 1)); ``"uniform"`` -> U(0, 1).
+    Returns ``draw(n, generator) -> (n,) float32``."""
+    spec = spec.replace(" ", "").lower()
+    if spec == "uniform":
+        return lambda n, gen: torch.rand(n, generator=gen)
+    m = re.fullmatch(r"logit-normal\(([-+0-9.eE]+),([-+0-9.eE]+)\)", spec)
+    if not m:
+        raise ValueError(f"unknown time sampling {spec!r}: use 'uniform' or 'logit-normal(m, s)'")
+    mean, std = float(m.group(1)), float(m.group(2))
+    return lambda n, gen: torch.sigmoid(mean + std * torch.randn(n, generator=gen))
+
+
 def _log(msg: str, bar=None) -> None:
     if bar is not None:
         bar.write(msg)
@@ -95,6 +109,9 @@ def train_glyph_flow(
     config: dict | None = None,
     init_from: str | None = None,
     start_stage: int = 1,
+    device: str = "cpu",
+    time_sampling: str | None = None,
+    callback=None,
 ) -> str:
     """Train a :class:`~fastflow.demo.model.GlyphFlow` and save its EMA weights to ``out_dir``.
 
@@ -105,7 +122,11 @@ def train_glyph_flow(
     :data:`~fastflow.demo.model.TINY_CONFIG`, 3 steps of batch 8 on 64 images
     (seconds; for tests).  ``sample_dir`` gets a PNG grid of EMA samples (one per
     class, 20 Euler steps, guidance 3) every ``sample_every`` steps.  ``minutes``
-    is an optional wall-clock cap.  Returns ``out_dir``.
+    is an optional wall-clock cap.  ``device`` trains elsewhere than on the CPU
+    (recipe experiments on a GPU; the recipe itself is sized for the CPU).
+    ``time_sampling`` overrides the recipe's law of t (``"logit-normal(m, s)"`` or
+    ``"uniform"``).  ``callback(step, ema_model)`` is called every
+    ``checkpoint_every`` steps (and at the end).  Returns ``out_dir``.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -122,6 +143,12 @@ def train_glyph_flow(
         stages = [dict(st) for st in RECIPE["stages"]]
         if lr is not None:
             stages[0]["lr"] = float(lr)
+    t_law = parse_time_sampling(time_sampling or RECIPE["time_sampling"])
+    if amp and torch.device(device).type != "cpu":
+        # measured on an H100 (torch 2.11): under CUDA bf16 autocast the gradients of
+        # FluxTransformer2DModel's timestep embedder are NaN from the first step
+        _log(f"[glyph-flow] bfloat16 autocast is CPU-only here (NaN gradients on {device}); training in float32")
+        amp = False
     if not 1 <= start_stage <= len(stages):
         raise ValueError(f"start_stage must be in 1..{len(stages)}")
     if start_stage > 1 and init_from is None:
@@ -140,13 +167,13 @@ def train_glyph_flow(
             raise ValueError(f"{init_from} has a different transformer config than requested")
     else:
         model = GlyphFlow(config if config is not None else DEFAULT_CONFIG)
-    model.train()
+    model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = count_parameters(model)
 
     data_seed = glyphs.FLOW_TRAIN_SEED + seed
     t0 = time.time()
-    images, labels = glyphs.make_dataset(num_data, data_seed)
+    images, labels = glyphs.make_dataset(num_data, data_seed, workers=min(os.cpu_count() or 1, 16))
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, 32, 32)
     data_labels = torch.from_numpy(labels)
     render_s = time.time() - t0
@@ -166,10 +193,11 @@ def train_glyph_flow(
         except ImportError:  # pragma: no cover - tqdm ships with diffusers' deps
             bar = None
 
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+
     def ema_update(decay: float) -> None:
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm.detach(), 1.0 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
     def write_samples(tag: str) -> None:
         if sample_dir is None:
@@ -193,6 +221,7 @@ def train_glyph_flow(
     def recipe_summary(final_loss: float, done: bool) -> dict:
         return {"training": {
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in RECIPE.items() if k != "stages"},
+            "time_sampling": time_sampling or RECIPE["time_sampling"],
             "stages": stages, "completed": history, "finished": done,
             "seed": seed, "batch_size": batch_size, "num_data": num_data, "data_seed": data_seed, "amp": amp,
             "init_from_stage": start_stage, "final_loss_ema100": final_loss,
@@ -235,7 +264,9 @@ def train_glyph_flow(
             drop = torch.rand(batch_size, generator=gen) < RECIPE["label_dropout"]
             lab[drop] = NULL_LABEL
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.sigmoid(torch.randn(batch_size, generator=gen))
+            t = t_law(batch_size, gen)
+            if device != "cpu":
+                x0, lab, noise, t = (a.to(device, non_blocking=True) for a in (x0, lab, noise, t))
             tt = t.view(-1, 1, 1, 1)
             xt = tt * noise + (1 - tt) * x0
             target = noise - x0
@@ -243,7 +274,7 @@ def train_glyph_flow(
             cur_lr = _lr_at(step, n_steps, stage_lr, warmup, RECIPE["min_lr_ratio"])
             for g in opt.param_groups:
                 g["lr"] = cur_lr
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                 v = model(xt, t, label=lab)
             loss = (v.float() - target).pow(2).mean()
             opt.zero_grad(set_to_none=True)
@@ -251,12 +282,17 @@ def train_glyph_flow(
             torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
             opt.step()
             ema_update(min(RECIPE["ema_decay"], (1 + global_step) / (10 + global_step)))
-            losses.append(loss.detach().item())
+            losses.append(loss.detach() if device != "cpu" else loss.detach().item())
             global_step += 1
             done_steps += 1
             if bar is not None:
                 bar.update(1)
             if log_every and ((step + 1) % log_every == 0 or step + 1 == n_steps):
+                losses[:] = [float(v) for v in losses]
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(
+                        f"training diverged: the loss is {losses[-1]} at stage {si + 1} step {step + 1}; "
+                        f"lower the learning rate (--lr) or train in float32 (--no-amp)")
                 now = time.time()
                 n_recent = min(log_every, len(losses))
                 _log(f"[glyph-flow] stage {si + 1} step {step + 1}/{n_steps} loss {np.mean(losses[-n_recent:]):.4f} "
@@ -265,7 +301,10 @@ def train_glyph_flow(
                 last_log = now
             if sample_every and (step + 1) % sample_every == 0:
                 write_samples(f"stage{si + 1}_step{step + 1:06d}")
+            if callback is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                callback(global_step, ema)
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
+                losses[:] = [float(v) for v in losses]
                 save_glyph_flow(ema, out_dir, extra=recipe_summary(
                     float(np.mean(losses[-100:])), False) | {"checkpoint": {"stage": si + 1, "step": step + 1}})
         history.append({"stage": si + 1, "steps": done_steps, "lr": stage_lr,
@@ -274,6 +313,7 @@ def train_glyph_flow(
             break
     if bar is not None:
         bar.close()
+    losses[:] = [float(v) for v in losses]
     final = float(np.mean(losses[-100:])) if losses else float("nan")
     save_glyph_flow(ema, out_dir, extra=recipe_summary(final, not stopped))
     write_samples("final")
@@ -301,6 +341,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--time-sampling", default=None,
+                    help=f"law of t: 'uniform' or 'logit-normal(m, s)' (default {RECIPE['time_sampling']!r})")
+    ap.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     ap.add_argument("--prediction", choices=["v", "x0"], default=None,
                     help="network output parametrisation (the model always returns v); default from the config")
     args = ap.parse_args(argv)
@@ -311,7 +354,8 @@ def main(argv=None) -> int:
                      lr=args.lr, tiny=args.tiny, progress=not args.no_progress, log_every=args.log_every,
                      sample_dir=args.samples, sample_every=args.sample_every, num_data=args.num_data,
                      threads=args.threads, amp=not args.no_amp, config=config,
-                     init_from=args.init_from, start_stage=args.start_stage)
+                     init_from=args.init_from, start_stage=args.start_stage, device=args.device,
+                     time_sampling=args.time_sampling)
     return 0
 
 
