@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 
-from fastflow.export import RunnerCache
+from fastflow.export import RunnerCache, module_status
 from fastflow.hookspecs import hookimpl
 
 _SESSIONS = RunnerCache(4)
@@ -30,11 +30,7 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def available(self):
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            return False, f"onnxruntime is not installed ({exc})"
-        return True, ""
+        return module_status("onnxruntime")
 
     def load(self, model, device=None, dtype=None):
         import torch

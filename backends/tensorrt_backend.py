@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from fastflow.export import RunnerCache
+from fastflow.export import RunnerCache, module_status
 from fastflow.hookspecs import hookimpl
 
 _ENGINES = RunnerCache(2)
@@ -23,10 +23,9 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def available(self):
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError as exc:
-            return False, f"tensorrt is not installed ({exc})"
+        ok, why = module_status("tensorrt")
+        if not ok:
+            return ok, why
         try:
             import torch
 

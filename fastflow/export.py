@@ -232,6 +232,18 @@ class Exported:
         return tensors, dims
 
 
+def module_status(module: str) -> tuple[bool, str]:
+    """``(True, "")`` when ``module`` imports, else ``(False, "<module> is not installed (...)")``:
+    the shape of a backend's ``available()`` answer."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return False, f"{module} is not installed ({exc})"
+    return True, ""
+
+
 class RunnerCache:
     """Loaded sessions/engines, keyed by file (path, mtime, size) and device, least
     recently used dropped first: run() loads its backend once per batch, and the
@@ -574,6 +586,21 @@ def _random_like(example: dict, batch: int, seed: int) -> dict:
     return out
 
 
+def check_agreement(got, want, batch: int, tolerance: float, what: str, hint: str = "") -> float:
+    """The max abs error of an export's output ``got`` against PyTorch's ``want`` at ``batch``;
+    raises :class:`ExportVerificationError` (naming ``what``) on a shape mismatch or an error
+    above ``tolerance`` (relative to the output's scale)."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportVerificationError(f"{what} returned shape {tuple(got.shape)} at batch {batch}, PyTorch "
+                                      f"{tuple(want.shape)}; nothing was written")
+    err, scale = _max_error(got, want)
+    if not err <= tolerance * scale:
+        raise ExportVerificationError(
+            f"{what} disagrees with PyTorch at batch {batch}: max abs error {err:.3g} > tolerance "
+            f"{tolerance * scale:.3g}; nothing was written.{' ' + hint if hint else ''}")
+    return err
+
+
 def _max_error(a, b) -> tuple[float, float]:
     """(max abs error, allowed scale = max(1, |b|max))."""
     a, b = a.double().cpu(), b.double().cpu()
@@ -753,17 +780,9 @@ def _verify_onnx(onnx_path: Path, fn, example: dict, tolerance: float) -> tuple[
         with torch.no_grad():
             ref = fn(feeds[names[0]], feeds[names[1]], **{k: feeds[k] for k in names[2:]})
         got = sess.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})[0]
-        err, scale = _max_error(torch.from_numpy(got), ref)
-        if got.shape != tuple(ref.shape):
-            raise ExportVerificationError(f"the graph returned shape {got.shape} at batch {b}, PyTorch "
-                                          f"{tuple(ref.shape)}; nothing was written")
+        worst = max(worst, check_agreement(torch.from_numpy(got), ref, b, tolerance, "the ONNX graph",
+                                           "Check the model for data-dependent control flow or raise --tolerance."))
         checked.append(b)
-        worst = max(worst, err)
-        if not err <= tolerance * scale:
-            raise ExportVerificationError(
-                f"the ONNX graph disagrees with PyTorch at batch {b}: max abs error {err:.3g} > tolerance "
-                f"{tolerance * scale:.3g}; nothing was written. Check the model for data-dependent control "
-                f"flow or raise --tolerance.")
     return worst, checked
 
 
@@ -1083,13 +1102,9 @@ def _verify_trt(exp: Exported, ref_fn, example: dict, tolerance: float, profile)
             want = ref(feeds[names[0]], feeds[names[1]], **{k: feeds[k] for k in names[2:]})
             got = runner(feeds[names[0]], feeds[names[1]], **{k: feeds[k] for k in names[2:]})
         torch.cuda.synchronize()
-        err, scale = _max_error(got, want)
+        worst = max(worst, check_agreement(got, want, b, tolerance, "the TensorRT engine",
+                                           "Try --precision fp32 or raise --tolerance."))
         checked.append(b)
-        worst = max(worst, err)
-        if not err <= tolerance * scale:
-            raise ExportVerificationError(
-                f"the TensorRT engine disagrees with PyTorch at batch {b}: max abs error {err:.3g} > tolerance "
-                f"{tolerance * scale:.3g}; nothing was written. Try --precision fp32 or raise --tolerance.")
     return worst, checked
 
 

@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 from .errors import FastFlowError, MissingDependencyError
 from .export import (
     BATCH_DIM, DEFAULT_TOLERANCE, FORMAT, FORMAT_VERSION, ONNX_FILE, ONNX_REQUIRES, ArtifactError, ExportError,
-    ExportVerificationError, Exported, InputMismatchError, _fastflow_version, _max_error, _now,
+    Exported, InputMismatchError, _fastflow_version, _now, check_agreement,
     _publish, _require, _staging, dynamo_export, _version, dtype_name, ort_session, read_export,
     source_sha256, sha256_file, torch_dtype,
 )
@@ -416,16 +416,8 @@ def _verify(onnx_path: Path, fn, example: dict, batched: list[str], tolerance: f
         with torch.no_grad():
             ref = fn(*feeds.values())
         got = sess.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})[0]
-        if got.shape != tuple(ref.shape):
-            raise ExportVerificationError(f"the graph returned shape {got.shape} at batch {b}, PyTorch "
-                                          f"{tuple(ref.shape)}; nothing was written")
-        err, scale = _max_error(torch.from_numpy(got), ref)
+        worst = max(worst, check_agreement(torch.from_numpy(got), ref, b, tolerance, "the ONNX graph"))
         checked.append(b)
-        worst = max(worst, err)
-        if not err <= tolerance * scale:
-            raise ExportVerificationError(
-                f"the ONNX graph disagrees with PyTorch at batch {b}: max abs error {err:.3g} > tolerance "
-                f"{tolerance * scale:.3g}; nothing was written")
     return worst, checked
 
 

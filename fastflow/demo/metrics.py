@@ -99,17 +99,23 @@ def frechet_distance(feats_a, feats_b) -> float:
     return max(d, 0.0)
 
 
-def psnr(a, b, data_range: float = 2.0, reduction: str = "mean"):
-    """PSNR in dB between image batches (N, C, H, W); ``inf`` for identical images.
-
-    ``reduction="none"`` returns the per-sample tensor (N,), ``"mean"`` the mean
-    over samples as a float (inf if any pair is identical)."""
+def _image_pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two image batches as float64 (N, C, H, W) of the same shape (a single image gets N = 1)."""
     a = torch.as_tensor(a).double()
     b = torch.as_tensor(b).double()
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.ndim == 3:
         a, b = a[None], b[None]
+    return a, b
+
+
+def psnr(a, b, data_range: float = 2.0, reduction: str = "mean"):
+    """PSNR in dB between image batches (N, C, H, W); ``inf`` for identical images.
+
+    ``reduction="none"`` returns the per-sample tensor (N,), ``"mean"`` the mean
+    over samples as a float (inf if any pair is identical)."""
+    a, b = _image_pair(a, b)
     mse = (a - b).pow(2).flatten(1).mean(1)
     per = 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 -> inf
     if reduction == "none":
@@ -134,12 +140,7 @@ def ssim(a, b, data_range: float = 2.0, win_size: int = 11, sigma: float = 1.5,
     images (N, C, H, W) in [-1, 1] (``data_range`` 2).  Identical images -> 1.0.
 
     ``reduction="none"`` gives per-sample values (N,), ``"mean"`` a float."""
-    a = torch.as_tensor(a).double()
-    b = torch.as_tensor(b).double()
-    if a.shape != b.shape:
-        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    if a.ndim == 3:
-        a, b = a[None], b[None]
+    a, b = _image_pair(a, b)
     c = a.shape[1]
     win_size = min(win_size, a.shape[-1], a.shape[-2])
     w = _gaussian_window(win_size, sigma, c, a.dtype)
