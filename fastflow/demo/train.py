@@ -46,8 +46,7 @@ from .model import DEFAULT_CONFIG, TINY_CONFIG, GlyphFlow, count_parameters, sav
 #: does with a saved stage-1 model, so a long recipe can also be run in pieces.
 RECIPE = {
     "stages": [
-        {"steps": 3200, "lr": 1e-3, "warmup_steps": 100},
-        {"steps": 2400, "lr": 5e-4, "warmup_steps": 50},
+        {"steps": 3900, "lr": 1e-3, "warmup_steps": 100},
     ],
     "batch_size": 64,
     "min_lr_ratio": 0.1,

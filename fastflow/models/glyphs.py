@@ -36,7 +36,7 @@ def glyph_spec(directory: str | None = None, name: str = "glyphs") -> ModelSpec:
         return load_glyph_flow(directory)
 
     key = f"glyphs-{weights_key(directory)}" if os.path.isdir(directory) else "glyphs-missing"
-    guidance = 3.0
+    guidance = 4.0
     config = os.path.join(directory, "glyph_flow.json")
     if os.path.isfile(config):
         try:
