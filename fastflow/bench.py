@@ -178,6 +178,12 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     methods.append(policy_method("ucb-cold", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"), warm=False))
     methods.append(policy_method("ucb-warm", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"),
                                  warm=True, warm_batches=2 if quick else 8))
+    # the paper leaves the arm set open (the fork uses 0,2,4,6): the same bandit with skips 0-4 and 0-3
+    for top in (4, 3):
+        arms = ",".join(str(a) for a in range(top + 1))
+        methods.append(policy_method(f"ucb-warm-a{top}", "ucb", f"arms={arms}",
+                                     lambda arms=arms: fastflow.get_policy("ucb", arms=arms),
+                                     warm=True, warm_batches=2 if quick else 8))
     methods.append(policy_method("ucb-norm-warm", "ucb-norm", "rewards in units of mu",
                                  lambda: fastflow.get_policy("ucb-norm"), warm=True, warm_batches=2 if quick else 8))
     methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[0] if quick else budgets[1]}",
@@ -359,6 +365,10 @@ def _write_csv(path: Path, table: list[dict]) -> None:
             w.writerow(row)
 
 
+#: families drawn solid in the Pareto plot (the peers are dashed)
+FASTFLOW_FAMILIES = {"fixed", "threshold", "ucb", "ucb-norm", "planned", "unipc+planned"}
+
+
 def _plots(result: dict, out_dir: Path) -> None:
     try:
         import matplotlib
@@ -370,12 +380,16 @@ def _plots(result: dict, out_dir: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     families = sorted({r["family"] for r in result["rows"]})
     markers = "os^vD<>pPX*h"
+    tab20 = plt.get_cmap("tab20").colors  # 10 hues, dark then light: every family its own colour
+    colours = tab20[0::2] + tab20[1::2]
     for i, fam in enumerate(families):
         rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["nfe"])
+        ours = fam in FASTFLOW_FAMILIES  # fastflow's policies solid, the peers dashed
         for ax, key in zip(axes, ("psnr_full_db", "psnr_ode_db")):
             ys = [min(r[key], 80.0) for r in rows]
             ax.plot([r["nfe"] for r in rows], ys, marker=markers[i % len(markers)], label=fam,
-                    linestyle="-" if len(rows) > 1 else "none")
+                    color=colours[i % len(colours)],
+                    linestyle=("-" if ours else "--") if len(rows) > 1 else "none")
     for ax, title in zip(axes, ("PSNR vs full-step Euler output (dB)", "PSNR vs high-accuracy ODE solution (dB)")):
         ax.set_xlabel("model evaluations per sample (NFE)")
         ax.set_title(title)
