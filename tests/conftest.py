@@ -13,6 +13,17 @@ def fresh_plugins(monkeypatch):
     fastflow.plugins.reset_plugins()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and leave the other core to the rest)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_entry_points(monkeypatch):
     """Only the built-in plugins: installed third-party plugins are blocked."""

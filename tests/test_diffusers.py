@@ -23,12 +23,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and leave the other core to the rest)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 # -- a toy pipeline: the scheduler loop of a diffusers flow pipeline, nothing else ---------
