@@ -16,7 +16,7 @@ The reference recipe (the embedded weights) is the default arguments with
 optimizer from the previous stage's EMA weights, so a longer one can be run (or
 an existing model extended) in pieces::
 
-    python -m fastflow.demo.train --out DIR2 --seed 0 --init-from DIR1 --start-stage 2
+    python -m fastflow.demo.train --out DIR2 --seed 0 --init-from DIR1 --steps 2000 --lr 5e-4   # more training
 
 It is step-based, so it is reproducible independently of speed (``--minutes``
 is only an optional safety cap, which makes a run time-dependent).
