@@ -229,6 +229,12 @@ def train_glyph_flow(
         }}
 
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # off the CPU: losses still on the device, read at log points only
+
+    def host_losses() -> list[float]:
+        losses.extend(float(v) for v in pending)
+        pending.clear()
+        return losses
     global_step = sum(int(stages[i]["steps"]) for i in range(start_stage - 1))  # EMA warm-up continues
     stopped = False
     for si in run_stages:
@@ -281,13 +287,16 @@ def train_glyph_flow(
             torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
             opt.step()
             ema_update(min(RECIPE["ema_decay"], (1 + global_step) / (10 + global_step)))
-            losses.append(loss.detach() if device != "cpu" else loss.detach().item())
+            if device == "cpu":
+                losses.append(loss.item())
+            else:
+                pending.append(loss.detach())
             global_step += 1
             done_steps += 1
             if bar is not None:
                 bar.update(1)
             if log_every and ((step + 1) % log_every == 0 or step + 1 == n_steps):
-                losses[:] = [float(v) for v in losses]
+                host_losses()
                 if not math.isfinite(losses[-1]):
                     raise FloatingPointError(
                         f"training diverged: the loss is {losses[-1]} at stage {si + 1} step {step + 1}; "
@@ -303,7 +312,7 @@ def train_glyph_flow(
             if callback is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
                 callback(global_step, ema)
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
-                losses[:] = [float(v) for v in losses]
+                host_losses()
                 save_glyph_flow(ema, out_dir, extra=recipe_summary(
                     float(np.mean(losses[-100:])), False) | {"checkpoint": {"stage": si + 1, "step": step + 1}})
         history.append({"stage": si + 1, "steps": done_steps, "lr": stage_lr,
@@ -312,7 +321,7 @@ def train_glyph_flow(
             break
     if bar is not None:
         bar.close()
-    losses[:] = [float(v) for v in losses]
+    host_losses()
     final = float(np.mean(losses[-100:])) if losses else float("nan")
     save_glyph_flow(ema, out_dir, extra=recipe_summary(final, not stopped))
     write_samples("final")
