@@ -70,7 +70,7 @@ class _CalibrationRun(PolicyRun):
             import torch
 
             errs = torch.stack(self.errors).double().tolist()
-            self.policy.mu = max(errs) / self.policy._steps
+            self.policy.mu = self.policy.mu_scale * max(errs) / self.policy._steps
             self.policy.samples += 1
 
 
@@ -112,7 +112,9 @@ class UCBPolicy(Policy):
         arms: skip counts the bandits choose among (default ``0,2,4,6``).
         gamma: exploration constant γ (default 2.0).
         mu: reward per skipped step; default: calibrated from the first generation as
-            max_t MSE(v̂_t, v_t) / T.
+            mu_scale · max_t MSE(v̂_t, v_t) / T.
+        mu_scale: factor on the calibrated μ (default 1.0, the paper's rule); smaller
+            prices errors higher (fewer skips). Only with a calibrated μ.
         state: JSON file to load learning from (if it exists) and save to
             (:meth:`save`; the CLI saves after ``run``).
     """
@@ -120,13 +122,20 @@ class UCBPolicy(Policy):
     name = "ucb"
     normalized = False  # rewards in raw MSE units, as in the paper
 
-    def __init__(self, *, arms="0,2,4,6", gamma: float = 2.0, mu=None, state=None, **common):
+    default_mu_scale = 1.0
+
+    def __init__(self, *, arms="0,2,4,6", gamma: float = 2.0, mu=None, mu_scale=None, state=None, **common):
         super().__init__(**common)
         self.arms = opt_int_list("arms", arms, lo=0)
         if len(set(self.arms)) != len(self.arms):
             raise OptionError(f"option arms lists a skip count twice: {self.arms}")
         self.gamma = opt_float("gamma", gamma, lo=0.0)
         self.mu = None if mu is None else opt_float("mu", mu, lo=0.0)
+        if mu is not None and mu_scale is not None:
+            raise OptionError("options mu and mu_scale exclude each other: mu_scale scales the "
+                              "calibrated mu; give one of them")
+        self.mu_scale = self.default_mu_scale if mu_scale is None else opt_float("mu_scale", mu_scale, lo=0.0,
+                                                                                 lo_open=True)
         self.state_path = state
         self.samples = 0
         self.key: dict | None = None
@@ -188,12 +197,17 @@ class UCBPolicy(Policy):
                 f"state file {self.state_path} was learned with arms={stored.get('arms')}, not "
                 f"{self.arms}. Use the same arms or another --state path."
             )
+        if self.mu is None and float(stored.get("mu_scale", 1.0)) != self.mu_scale:
+            raise StateFileError(
+                f"state file {self.state_path} calibrated mu with mu_scale={stored.get('mu_scale', 1.0)}, "
+                f"not {self.mu_scale}. Use the same mu_scale or another --state path."
+            )
 
     # -- persistence ---------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "key": self.key,
-            "options": {"arms": self.arms, "gamma": self.gamma},
+            "options": {"arms": self.arms, "gamma": self.gamma, "mu_scale": self.mu_scale},
             "mu": self.mu,
             "samples": self.samples,
             "bandits": [{"counts": b.counts, "values": b.values} for b in (self.bandits or [])],
@@ -214,7 +228,8 @@ class UCBPolicy(Policy):
         return [self.arms[max(range(len(b.values)), key=b.values.__getitem__)] for b in self.bandits]
 
     def options(self):
-        return {"arms": self.arms, "gamma": self.gamma, "mu": self.mu, **super().options()}
+        return {"arms": self.arms, "gamma": self.gamma, "mu": self.mu, "mu_scale": self.mu_scale,
+                **super().options()}
 
 
 class NormalizedUCBPolicy(UCBPolicy):

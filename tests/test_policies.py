@@ -120,6 +120,23 @@ def test_ucb_calibrates_mu_from_a_first_full_generation():
     assert pol.mu == pytest.approx(max(errs) / 30, rel=1e-5)
 
 
+def test_ucb_mu_scale_multiplies_the_calibrated_mu_and_is_kept_with_the_state(tmp_path):
+    paper, scaled = fastflow.get_policy("ucb"), fastflow.get_policy("ucb-norm", mu_scale=0.25, state=str(tmp_path / "s.json"))
+    run(paper, steps=30)
+    run(scaled, steps=30)
+    assert scaled.mu == pytest.approx(0.25 * paper.mu, rel=1e-12)
+    scaled.save()
+    with pytest.raises(StateFileError, match="mu_scale=0.25"):
+        fastflow.get_policy("ucb-norm", state=str(tmp_path / "s.json"))
+    again = fastflow.get_policy("ucb-norm", mu_scale=0.25, state=str(tmp_path / "s.json"))
+    run(again, steps=30, seed=1)  # loads the learned tables and μ: no calibration on these new seeds
+    assert again.mu == scaled.mu and again.samples == 2
+    with pytest.raises(OptionError, match="mu and mu_scale"):
+        fastflow.get_policy("ucb", mu=0.1, mu_scale=0.5)
+    with pytest.raises(OptionError, match="mu_scale"):
+        fastflow.get_policy("ucb", mu_scale=0)
+
+
 def test_ucb_rewards_are_credited_to_the_deciding_bandit():
     pol = fastflow.get_policy("ucb", mu=0.5, arms="0,3")
     out = run(pol, steps=12)
