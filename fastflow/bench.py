@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -106,17 +106,18 @@ def multistep(solver: str, steps: int) -> Method:
 
 
 def policy_method(name: str, family: str, setting: str, make, *, warm: bool, solver: str = "euler",
-                  warm_batches: int = 1) -> Method:
+                  warm_batches: int = 1, warm_batch_size: int | None = None) -> Method:
     """A fastflow policy. warm: learn on the separate warm-up seeds first (not timed);
-    cold: a fresh policy learns on the measured samples themselves (counted)."""
+    cold: a fresh policy learns on the measured samples themselves (counted).
+    ``warm_batch_size`` splits the warm-up samples into smaller batches: a bandit makes
+    one decision per batch, so the same samples give it more pulls."""
 
     def run(ctx):
-        import fastflow
-
         policy = make()
         if warm:
             n = min(ctx.warm_noise.shape[0], warm_batches * ctx.batch_size)
-            _sample_all(ctx, policy, solver=solver, noise=ctx.warm_noise[:n], labels=_head(ctx.warm_labels, n))
+            wctx = ctx if warm_batch_size is None else replace(ctx, batch_size=warm_batch_size)
+            _sample_all(wctx, policy, solver=solver, noise=ctx.warm_noise[:n], labels=_head(ctx.warm_labels, n))
         curve = []
         x, nfe, wall = _sample_all(ctx, policy, solver=solver, per_batch=curve)
         extra = {"curve_nfe": [c[0] for c in curve]}
@@ -125,7 +126,10 @@ def policy_method(name: str, family: str, setting: str, make, *, warm: bool, sol
         extra["_curve_x"] = [c[1] for c in curve]
         return x, nfe, wall, extra
 
-    how = f"learned on {warm_batches} batch(es) of separate seeds" if warm else "fresh; learning counted"
+    if warm and warm_batch_size is not None:
+        how = f"learned on {warm_batches} batch(es) of separate seeds, in batches of {warm_batch_size}"
+    else:
+        how = f"learned on {warm_batches} batch(es) of separate seeds" if warm else "fresh; learning counted"
     return Method(name, family, setting, run, warm=how)
 
 
@@ -160,6 +164,12 @@ def cache_method(method: str, setting: dict, label: str) -> Method:
                   warm="calibrated on separate seeds" if method == "magcache" else "")
 
 
+#: arm sets of the faithful ``ucb`` measured beside its default (tag, arms)
+UCB_ARM_SETS = (("a4", "0,1,2,3,4"), ("a3", "0,1,2,3"))
+#: μ scales of ``ucb-norm`` measured (1 = the paper's calibration)
+UCB_NORM_MU_SCALES = (1.0, 0.3, 0.1)
+
+
 def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: set[str] | None) -> list[Method]:
     import fastflow
 
@@ -176,16 +186,19 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
         methods.append(policy_method(f"threshold-{th}", "threshold", f"threshold={th}",
                                      lambda th=th: fastflow.get_policy("threshold", threshold=th), warm=False))
     methods.append(policy_method("ucb-cold", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"), warm=False))
+    # warm bandits learn on the separate seeds in batches of 2: one decision per batch, so the
+    # same warm-up samples give every per-step bandit batch_size/2 times more pulls
+    bandit_warm = dict(warm=True, warm_batches=2 if quick else 8, warm_batch_size=2)
     methods.append(policy_method("ucb-warm", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"),
-                                 warm=True, warm_batches=2 if quick else 8))
-    # the paper leaves the arm set open (the fork uses 0,2,4,6): the same bandit with skips 0-4 and 0-3
-    for top in (4, 3):
-        arms = ",".join(str(a) for a in range(top + 1))
-        methods.append(policy_method(f"ucb-warm-a{top}", "ucb", f"arms={arms}",
-                                     lambda arms=arms: fastflow.get_policy("ucb", arms=arms),
-                                     warm=True, warm_batches=2 if quick else 8))
-    methods.append(policy_method("ucb-norm-warm", "ucb-norm", "rewards in units of mu",
-                                 lambda: fastflow.get_policy("ucb-norm"), warm=True, warm_batches=2 if quick else 8))
+                                 **bandit_warm))
+    # the paper leaves the arm set open (the fork uses 0,2,4,6): the same bandit, other arm sets
+    for tag, arms in UCB_ARM_SETS:
+        methods.append(policy_method(f"ucb-warm-{tag}", "ucb", f"arms={arms}",
+                                     lambda arms=arms: fastflow.get_policy("ucb", arms=arms), **bandit_warm))
+    for scale in ((1.0,) if quick else UCB_NORM_MU_SCALES):
+        methods.append(policy_method(f"ucb-norm-warm-{scale:g}", "ucb-norm", f"mu_scale={scale:g}",
+                                     lambda scale=scale: fastflow.get_policy("ucb-norm", mu_scale=scale),
+                                     **bandit_warm))
     methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[0] if quick else budgets[1]}",
                                  lambda b=(budgets[0] if quick else budgets[1]): fastflow.get_policy("planned", nfe=b),
                                  warm=False))

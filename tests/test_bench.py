@@ -24,7 +24,7 @@ def test_table_structure_and_files(quick):
     rows = {r["method"]: r for r in result["rows"]}
     assert result["rows"][0]["method"] == "euler-20"  # the reference comes first
     for name in ("euler-8", "unipc-8", "dpm++-8", "fixed-2", "threshold-0.1", "ucb-cold", "ucb-warm",
-                 "planned-cold", "planned-8", "unipc+planned-8"):
+                 "ucb-warm-a4", "ucb-norm-warm-1", "planned-cold", "planned-8", "unipc+planned-8"):
         assert name in rows, name
     for r in result["rows"]:
         for key in ("nfe", "speedup_nfe", "wall_seconds", "speedup_wall", "psnr_full_db", "psnr_ode_db"):
@@ -45,3 +45,28 @@ def test_nfe_figures_are_exact(quick):
     # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
     assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
     assert result["curves"]["ucb-cold"]["nfe"][0] == 20 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
+
+
+def test_bandit_warm_up_in_small_batches_gives_one_pull_per_batch():
+    import torch
+
+    import fastflow
+    from fastflow.bench import Ctx, policy_method
+
+    spec = fastflow.get_model("gmm")
+    model = spec.build()
+    gen = torch.Generator().manual_seed(0)
+    noise, warm = torch.randn(8, *spec.shape, generator=gen), torch.randn(16, *spec.shape, generator=gen)
+    ctx = Ctx(spec, model, noise, None, None, 12, 8, warm, None, progress=lambda *_: None)
+    made = []
+
+    def make():
+        made.append(fastflow.get_policy("ucb", mu=0.01, arms="0,1"))
+        return made[-1]
+
+    m = policy_method("ucb-warm", "ucb", "", make, warm=True, warm_batches=2, warm_batch_size=2)
+    x, _, _, _ = m.run(ctx)
+    assert x.shape == noise.shape and "batches of 2" in m.warm
+    # 16 warm-up samples in batches of 2 + 1 measured batch of 8 = 9 samples as the policy sees them;
+    # the first bandit consulted (step 2) is asked once per sample
+    assert made[0].samples == 9 and sum(made[0].bandits[2].counts) == 9
