@@ -45,7 +45,7 @@ TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_CONFIG: dict[str, Any] = {
     "image_size": 32,
     "channels": 3,
-    "patch_size": 2,
+    "patch_size": 4,
     "num_classes": NUM_CLASSES,
     "null_label": NULL_LABEL,
     "num_text_tokens": 4,
@@ -56,12 +56,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "default_guidance": 4.0,
     "default_shift": None,
     "transformer": {
-        "num_layers": 1,
-        "num_single_layers": 3,
+        "num_layers": 2,
+        "num_single_layers": 4,
         "attention_head_dim": 32,
-        "num_attention_heads": 3,
-        "joint_attention_dim": 64,
-        "pooled_projection_dim": 64,
+        "num_attention_heads": 6,
+        "joint_attention_dim": 96,
+        "pooled_projection_dim": 96,
         "axes_dims_rope": [4, 14, 14],
     },
 }

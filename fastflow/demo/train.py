@@ -11,8 +11,8 @@ decay, gradient clipping, bfloat16 autocast, and an exponential moving average
 (EMA) of the weights; the EMA weights are what is saved.
 
 The reference recipe (the embedded weights) is the default arguments with
-``seed=0`` (:data:`RECIPE`: one stage of 3,900 steps, about 47 minutes on the
-2-core CPU machine).  A recipe may have several stages, each restarting the
+``seed=0`` (:data:`RECIPE`: one stage of 4,800 steps at lr 1.5e-3 through
+``torch.compile``, about 57 minutes on the 2-core CPU machine).  A recipe may have several stages, each restarting the
 optimizer from the previous stage's EMA weights, so a longer one can be run (or
 an existing model extended) in pieces::
 
@@ -46,7 +46,7 @@ from .model import DEFAULT_CONFIG, TINY_CONFIG, GlyphFlow, count_parameters, sav
 #: does with a saved stage-1 model, so a long recipe can also be run in pieces.
 RECIPE = {
     "stages": [
-        {"steps": 3900, "lr": 1e-3, "warmup_steps": 100},
+        {"steps": 4800, "lr": 1.5e-3, "warmup_steps": 100},
     ],
     "batch_size": 64,
     "min_lr_ratio": 0.1,
@@ -58,6 +58,7 @@ RECIPE = {
     "num_data": 100_000,
     "time_sampling": "logit-normal(0, 1)",
     "autocast": "bfloat16",
+    "compile": True,
 }
 
 
@@ -111,6 +112,7 @@ def train_glyph_flow(
     device: str = "cpu",
     time_sampling: str | None = None,
     callback=None,
+    compile: bool | None = None,
 ) -> str:
     """Train a :class:`~fastflow.demo.model.GlyphFlow` and save its EMA weights to ``out_dir``.
 
@@ -125,7 +127,11 @@ def train_glyph_flow(
     (recipe experiments on a GPU; the recipe itself is sized for the CPU).
     ``time_sampling`` overrides the recipe's law of t (``"logit-normal(m, s)"`` or
     ``"uniform"``).  ``callback(step, ema_model)`` is called every
-    ``checkpoint_every`` steps (and at the end).  Returns ``out_dir``.
+    ``checkpoint_every`` steps (and at the end).  ``compile`` (default: the
+    recipe's, on) runs the training forward through ``torch.compile`` (about 20 %
+    faster per step on the 2-core CPU; a minute of compiling first); where it
+    cannot compile (no C++ compiler), training goes on eagerly, with a message.
+    Returns ``out_dir``.
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -135,6 +141,8 @@ def train_glyph_flow(
         num_data = 64 if num_data is None else num_data
         config = TINY_CONFIG if config is None else config
         amp = False
+        compile = False if compile is None else compile
+    compile = RECIPE["compile"] if compile is None else bool(compile)
     if steps is not None:
         stages = [{"steps": int(steps), "lr": float(lr) if lr is not None else RECIPE["stages"][0]["lr"],
                    "warmup_steps": min(RECIPE["stages"][0]["warmup_steps"], max(1, int(steps) // 10))}]
@@ -193,6 +201,7 @@ def train_glyph_flow(
             bar = None
 
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    forward = torch.compile(model) if compile else model
 
     def ema_update(decay: float) -> None:
         with torch.no_grad():
@@ -223,6 +232,7 @@ def train_glyph_flow(
             "time_sampling": time_sampling or RECIPE["time_sampling"],
             "stages": stages, "completed": history, "finished": done,
             "seed": seed, "batch_size": batch_size, "num_data": num_data, "data_seed": data_seed, "amp": amp,
+            "compile": forward is not model,
             "init_from_stage": start_stage, "final_loss_ema100": final_loss,
             "wall_seconds": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.machine(),
@@ -280,7 +290,15 @@ def train_glyph_flow(
             for g in opt.param_groups:
                 g["lr"] = cur_lr
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-                v = model(xt, t, label=lab)
+                try:
+                    v = forward(xt, t, label=lab)
+                except Exception as exc:  # noqa: BLE001 - inductor failures have many types
+                    if forward is model:
+                        raise
+                    _log(f"[glyph-flow] torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"training eagerly", bar)
+                    forward = model
+                    v = model(xt, t, label=lab)
             loss = (v.float() - target).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -348,6 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-amp", action="store_true", help="train in float32 instead of bfloat16 autocast")
+    ap.add_argument("--no-compile", action="store_true", help="train eagerly instead of through torch.compile")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--time-sampling", default=None,
                     help=f"law of t: 'uniform' or 'logit-normal(m, s)' (default {RECIPE['time_sampling']!r})")
@@ -363,7 +382,7 @@ def main(argv=None) -> int:
                      sample_dir=args.samples, sample_every=args.sample_every, num_data=args.num_data,
                      threads=args.threads, amp=not args.no_amp, config=config,
                      init_from=args.init_from, start_stage=args.start_stage, device=args.device,
-                     time_sampling=args.time_sampling)
+                     time_sampling=args.time_sampling, compile=False if args.no_compile else None)
     return 0
 
 
