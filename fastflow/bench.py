@@ -164,10 +164,10 @@ def cache_method(method: str, setting: dict, label: str) -> Method:
                   warm="calibrated on separate seeds" if method == "magcache" else "")
 
 
-#: arm sets of the faithful ``ucb`` measured beside its default (tag, arms)
-UCB_ARM_SETS = (("a4", "0,1,2,3,4"), ("a3", "0,1,2,3"))
+#: arm sets of the faithful ``ucb`` measured beside its default 0-4 (tag, arms)
+UCB_ARM_SETS = (("fork", "0,2,4,6"),)
 #: μ scales of ``ucb-norm`` measured (1 = the paper's calibration)
-UCB_NORM_MU_SCALES = (1.0, 0.3, 0.1)
+UCB_NORM_MU_SCALES = (1.0, 0.3)
 
 
 def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: set[str] | None) -> list[Method]:
@@ -185,13 +185,13 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     for th in ((0.05, 0.1, 0.2, 0.4) if not quick else (0.1,)):
         methods.append(policy_method(f"threshold-{th}", "threshold", f"threshold={th}",
                                      lambda th=th: fastflow.get_policy("threshold", threshold=th), warm=False))
-    methods.append(policy_method("ucb-cold", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"), warm=False))
+    methods.append(policy_method("ucb-cold", "ucb", "defaults (arms 0-4)", lambda: fastflow.get_policy("ucb"), warm=False))
     # warm bandits learn on the separate seeds in batches of 2: one decision per batch, so the
     # same warm-up samples give every per-step bandit batch_size/2 times more pulls
     bandit_warm = dict(warm=True, warm_batches=2 if quick else 8, warm_batch_size=2)
-    methods.append(policy_method("ucb-warm", "ucb", "paper defaults", lambda: fastflow.get_policy("ucb"),
+    methods.append(policy_method("ucb-warm", "ucb", "defaults (arms 0-4)", lambda: fastflow.get_policy("ucb"),
                                  **bandit_warm))
-    # the paper leaves the arm set open (the fork uses 0,2,4,6): the same bandit, other arm sets
+    # the paper leaves the arm set open: the same bandit with the public fork's arms 0,2,4,6
     for tag, arms in UCB_ARM_SETS:
         methods.append(policy_method(f"ucb-warm-{tag}", "ucb", f"arms={arms}",
                                      lambda arms=arms: fastflow.get_policy("ucb", arms=arms), **bandit_warm))

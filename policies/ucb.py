@@ -1,7 +1,7 @@
 """``ucb``: the FastFlow bandit, as the paper describes it.
 
 One UCB1 bandit per timestep index k. Its arms are how many following steps to skip
-(default 0, 2, 4, 6). At step k the bandit picks argmax_a Q(a) + γ·sqrt(ln n / N(a))
+(default 0-4; the public fork uses 0, 2, 4, 6). At step k the bandit picks argmax_a Q(a) + γ·sqrt(ln n / N(a))
 (each arm once first). The reward, seen at the next model evaluation after the
 decision (step j), is
 
@@ -109,7 +109,7 @@ class UCBPolicy(Policy):
     """The paper's per-timestep UCB1 bandit.
 
     Options:
-        arms: skip counts the bandits choose among (default ``0,2,4,6``).
+        arms: skip counts the bandits choose among (default ``0,1,2,3,4``; the fork: ``0,2,4,6``).
         gamma: exploration constant γ (default 2.0).
         mu: reward per skipped step; default: calibrated from the first generation as
             mu_scale · max_t MSE(v̂_t, v_t) / T.
@@ -124,7 +124,7 @@ class UCBPolicy(Policy):
 
     default_mu_scale = 1.0
 
-    def __init__(self, *, arms="0,2,4,6", gamma: float = 2.0, mu=None, mu_scale=None, state=None, **common):
+    def __init__(self, *, arms="0,1,2,3,4", gamma: float = 2.0, mu=None, mu_scale=None, state=None, **common):
         super().__init__(**common)
         self.arms = opt_int_list("arms", arms, lo=0)
         if len(set(self.arms)) != len(self.arms):

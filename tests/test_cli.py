@@ -107,7 +107,7 @@ def test_plugins_command(tmp_path):
     rows = json.loads(result.output)
     ucb = next(r for r in rows if r["name"] == "fastflow.policies.ucb")
     assert ucb["registers"]["policies"] == ["ucb", "ucb-norm"] and ucb["distribution"] == "fastflow"
-    assert "ucb" in invoke("plugins").output and "arms = '0,2,4,6'" in invoke("policies").output
+    assert "ucb" in invoke("plugins").output and "arms = '0,1,2,3,4'" in invoke("policies").output
 
 
 def test_the_installed_console_script(tmp_path):
