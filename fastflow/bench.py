@@ -166,8 +166,8 @@ def cache_method(method: str, setting: dict, label: str) -> Method:
 
 #: arm sets of the faithful ``ucb`` measured beside its default 0-4 (tag, arms)
 UCB_ARM_SETS = (("fork", "0,2,4,6"),)
-#: μ scales of ``ucb-norm`` measured (1 = the paper's calibration)
-UCB_NORM_MU_SCALES = (1.0, 0.3)
+#: μ scales of ``ucb-norm`` measured (50 = its default, 1 = the paper's calibration)
+UCB_NORM_MU_SCALES = (50.0, 1.0, 0.3)
 
 
 def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: set[str] | None) -> list[Method]:
@@ -195,7 +195,7 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     for tag, arms in UCB_ARM_SETS:
         methods.append(policy_method(f"ucb-warm-{tag}", "ucb", f"arms={arms}",
                                      lambda arms=arms: fastflow.get_policy("ucb", arms=arms), **bandit_warm))
-    for scale in ((1.0,) if quick else UCB_NORM_MU_SCALES):
+    for scale in (UCB_NORM_MU_SCALES[:1] if quick else UCB_NORM_MU_SCALES):
         methods.append(policy_method(f"ucb-norm-warm-{scale:g}", "ucb-norm", f"mu_scale={scale:g}",
                                      lambda scale=scale: fastflow.get_policy("ucb-norm", mu_scale=scale),
                                      **bandit_warm))
