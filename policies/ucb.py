@@ -252,5 +252,5 @@ class NormalizedUCBPolicy(UCBPolicy):
 
 @hookimpl
 def register_policies(register):
-    register("ucb", UCBPolicy, description="FastFlow: per-timestep UCB1 bandit over skip counts (the paper)")
-    register("ucb-norm", NormalizedUCBPolicy, description="the FastFlow bandit with rewards in units of mu")
+    register("ucb", UCBPolicy, description="FastFlow: per-timestep UCB1 bandit over skip counts (the paper; mu_scale None = 1)")
+    register("ucb-norm", NormalizedUCBPolicy, description="the FastFlow bandit with rewards in units of mu (mu_scale None = 50)")
