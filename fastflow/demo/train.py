@@ -12,9 +12,9 @@ decay, gradient clipping, bfloat16 autocast, and an exponential moving average
 
 The reference recipe (the embedded weights) is the default arguments with
 ``seed=0`` (:data:`RECIPE`: one stage of 4,800 steps at lr 1.5e-3 through
-``torch.compile``, about 57 minutes on the 2-core CPU machine).  A recipe may have several stages, each restarting the
-optimizer from the previous stage's EMA weights, so a longer one can be run (or
-an existing model extended) in pieces::
+``torch.compile``, about 57 minutes on the 2-core CPU machine).  A recipe may
+have several stages, each restarting the optimizer from the previous stage's EMA
+weights, so a longer one can be run (or an existing model extended) in pieces::
 
     python -m fastflow.demo.train --out DIR2 --seed 0 --init-from DIR1 --steps 2000 --lr 5e-4   # more training
 
@@ -41,9 +41,10 @@ from . import glyphs
 from .model import DEFAULT_CONFIG, TINY_CONFIG, GlyphFlow, count_parameters, save_glyph_flow
 
 #: the reference recipe of the embedded model.  A recipe runs in stages: stage 1 from scratch; every
-#: later stage (none in the reference recipe) restarts AdamW (fresh moments, warm-up then cosine decay, new data order) from the
-#: previous stage's EMA weights rounded to float16 -- exactly what ``--init-from DIR --start-stage 2``
-#: does with a saved stage-1 model, so a long recipe can also be run in pieces.
+#: later stage (none in the reference recipe) restarts AdamW (fresh moments, warm-up then cosine
+#: decay, new data order) from the previous stage's EMA weights rounded to float16 -- exactly what
+#: ``--init-from DIR --start-stage 2`` does with a saved stage-1 model, so a long recipe can also be
+#: run in pieces.
 RECIPE = {
     "stages": [
         {"steps": 4800, "lr": 1.5e-3, "warmup_steps": 100},
@@ -128,7 +129,7 @@ def train_glyph_flow(
     ``time_sampling`` overrides the recipe's law of t (``"logit-normal(m, s)"`` or
     ``"uniform"``).  ``callback(step, ema_model)`` is called every
     ``checkpoint_every`` steps (and at the end).  ``compile`` (default: the
-    recipe's, on) runs the training forward through ``torch.compile`` (about 20 %
+    recipe's, on) runs the training forward through ``torch.compile`` (10-20 %
     faster per step on the 2-core CPU; a minute of compiling first); where it
     cannot compile (no C++ compiler), training goes on eagerly, with a message.
     Returns ``out_dir``.
