@@ -218,6 +218,38 @@ def test_time_sampling_laws():
         parse_time_sampling("beta(2, 2)")
 
 
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    from fastflow.demo.model import TINY_CONFIG, GlyphFlow
+    from fastflow.demo.train import make_optimizers
+
+    model = GlyphFlow(TINY_CONFIG)
+    muon, adam = make_optimizers(model, "muon", 1e-3)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adam = {id(p) for g in adam.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not in_muon & in_adam and in_muon | in_adam == set(names)  # every parameter in exactly one
+    assert in_muon and all("transformer_blocks." in names[i] and p.ndim == 2
+                           for g in muon.param_groups for p in g["params"] for i in [id(p)])
+    assert {names[i] for i in in_adam} >= {"label_embed.weight", "transformer.x_embedder.weight",
+                                          "transformer.proj_out.weight"}
+    (only,) = make_optimizers(model, "adamw", 1e-3)
+    assert isinstance(only, torch.optim.AdamW) and len(only.param_groups[0]["params"]) == len(names)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        make_optimizers(model, "sgd", 1e-3)
+
+
+def test_muon_training_runs_and_is_recorded(tmp_path):
+    from fastflow.demo.train import train_glyph_flow
+
+    out = tmp_path / "m"
+    train_glyph_flow(str(out), tiny=True, steps=3, optimizer="muon", progress=False, log_every=1)
+    training = json.loads((out / "glyph_flow.json").read_text())["training"]
+    assert training["optimizer"] == "muon" and training["completed"][-1]["steps"] == 3
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train_glyph_flow(str(tmp_path / "x"), tiny=True, steps=1, optimizer="lion", progress=False)
+
+
 def test_diverging_training_stops_with_a_clear_error(tmp_path):
     from fastflow.demo.train import train_glyph_flow
 

@@ -6,13 +6,14 @@ Objective (rectified flow, fastflow's convention): ``x_t = t * noise + (1 - t) *
 with ``t`` logit-normal (sigmoid of a standard normal), the model regresses
 ``v = noise - x0`` with an MSE loss.  Labels are replaced by the null label
 with probability ``label_dropout`` so the model also learns the unconditional
-velocity used by classifier-free guidance.  AdamW, linear warm-up then cosine
-decay, gradient clipping, bfloat16 autocast, and an exponential moving average
-(EMA) of the weights; the EMA weights are what is saved.
+velocity used by classifier-free guidance.  Muon for the matrices of the
+transformer blocks and AdamW for the other parameters (or AdamW throughout),
+linear warm-up then cosine decay, gradient clipping, bfloat16 autocast, and an
+exponential moving average (EMA) of the weights; the EMA weights are what is saved.
 
 The reference recipe (the embedded weights) is the default arguments with
-``seed=0`` (:data:`RECIPE`: one stage of 4,800 steps at lr 1.5e-3 through
-``torch.compile``, about 57 minutes on the 2-core CPU machine).  A recipe may
+``seed=0`` (:data:`RECIPE`: one stage of 3,200 Muon steps at lr 3e-3 through
+``torch.compile``; see docs/demo-model.md for its time on the 2-core CPU machine).  A recipe may
 have several stages, each restarting the optimizer from the previous stage's EMA
 weights, so a longer one can be run (or an existing model extended) in pieces::
 
@@ -41,13 +42,13 @@ from . import glyphs
 from .model import DEFAULT_CONFIG, TINY_CONFIG, GlyphFlow, count_parameters, save_glyph_flow
 
 #: the reference recipe of the embedded model.  A recipe runs in stages: stage 1 from scratch; every
-#: later stage (none in the reference recipe) restarts AdamW (fresh moments, warm-up then cosine
+#: later stage (none in the reference recipe) restarts the optimizer (fresh moments, warm-up then cosine
 #: decay, new data order) from the previous stage's EMA weights rounded to float16 -- exactly what
 #: ``--init-from DIR --start-stage 2`` does with a saved stage-1 model, so a long recipe can also be
 #: run in pieces.
 RECIPE = {
     "stages": [
-        {"steps": 4800, "lr": 1.5e-3, "warmup_steps": 100},
+        {"steps": 3200, "lr": 3e-3, "warmup_steps": 100},
     ],
     "batch_size": 64,
     "min_lr_ratio": 0.1,
@@ -60,7 +61,33 @@ RECIPE = {
     "time_sampling": "logit-normal(0, 1)",
     "autocast": "bfloat16",
     "compile": True,
+    "optimizer": "muon",
 }
+
+#: optimizers the trainer knows: ``adamw`` for every parameter, or ``muon`` -- torch's Muon
+#: (momentum 0.95, Nesterov, Newton-Schulz orthogonalised updates, lr scaled to AdamW's update RMS)
+#: for the 2-D weights of the transformer blocks, AdamW for the rest (embeddings, norms, biases,
+#: the input/output projections).
+OPTIMIZERS = ("adamw", "muon")
+
+
+def _muon_param(name: str, p: torch.Tensor) -> bool:
+    return p.ndim == 2 and (".transformer_blocks." in name or ".single_transformer_blocks." in name)
+
+
+def make_optimizers(model: torch.nn.Module, name: str, lr: float) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) of one stage: ``[AdamW]`` or ``[Muon, AdamW]`` (see :data:`OPTIMIZERS`)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    adam_kw = dict(lr=lr, betas=RECIPE["betas"], weight_decay=RECIPE["weight_decay"])
+    if name == "adamw":
+        return [torch.optim.AdamW(model.parameters(), **adam_kw)]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if _muon_param(n, p)]
+    rest = [p for n, p in named if not _muon_param(n, p)]
+    return [torch.optim.Muon(muon, lr=lr, weight_decay=RECIPE["weight_decay"], momentum=0.95, nesterov=True,
+                             adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(rest, **adam_kw)]
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float) -> float:
@@ -114,6 +141,7 @@ def train_glyph_flow(
     time_sampling: str | None = None,
     callback=None,
     compile: bool | None = None,
+    optimizer: str | None = None,
 ) -> str:
     """Train a :class:`~fastflow.demo.model.GlyphFlow` and save its EMA weights to ``out_dir``.
 
@@ -132,6 +160,7 @@ def train_glyph_flow(
     recipe's, on) runs the training forward through ``torch.compile`` (10-20 %
     faster per step on the 2-core CPU; a minute of compiling first); where it
     cannot compile (no C++ compiler), training goes on eagerly, with a message.
+    ``optimizer`` (default: the recipe's) is one of :data:`OPTIMIZERS`.
     Returns ``out_dir``.
     """
     if threads:
@@ -144,6 +173,9 @@ def train_glyph_flow(
         amp = False
         compile = False if compile is None else compile
     compile = RECIPE["compile"] if compile is None else bool(compile)
+    optimizer = RECIPE["optimizer"] if optimizer is None else str(optimizer)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
     if steps is not None:
         stages = [{"steps": int(steps), "lr": float(lr) if lr is not None else RECIPE["stages"][0]["lr"],
                    "warmup_steps": min(RECIPE["stages"][0]["warmup_steps"], max(1, int(steps) // 10))}]
@@ -233,7 +265,7 @@ def train_glyph_flow(
             "time_sampling": time_sampling or RECIPE["time_sampling"],
             "stages": stages, "completed": history, "finished": done,
             "seed": seed, "batch_size": batch_size, "num_data": num_data, "data_seed": data_seed, "amp": amp,
-            "compile": forward is not model,
+            "compile": forward is not model, "optimizer": optimizer,
             "init_from_stage": start_stage, "final_loss_ema100": final_loss,
             "wall_seconds": round(time.time() - t_start, 1), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.machine(),
@@ -258,8 +290,7 @@ def train_glyph_flow(
                 for pm, pe in zip(model.parameters(), ema.parameters()):
                     pe.copy_(pe.half().float())
                     pm.copy_(pe)
-        opt = torch.optim.AdamW(model.parameters(), lr=stage_lr, betas=RECIPE["betas"],
-                                weight_decay=RECIPE["weight_decay"])
+        opts = make_optimizers(model, optimizer, stage_lr)
         gen = torch.Generator().manual_seed(seed + 12345 + 1000 * si)
         perm = torch.randperm(num_data, generator=gen)
         pos = 0
@@ -288,8 +319,9 @@ def train_glyph_flow(
             target = noise - x0
 
             cur_lr = _lr_at(step, n_steps, stage_lr, warmup, RECIPE["min_lr_ratio"])
-            for g in opt.param_groups:
-                g["lr"] = cur_lr
+            for opt in opts:
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                 try:
                     v = forward(xt, t, label=lab)
@@ -301,10 +333,12 @@ def train_glyph_flow(
                     forward = model
                     v = model(xt, t, label=lab)
             loss = (v.float() - target).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
-            opt.step()
+            for opt in opts:
+                opt.step()
             ema_update(min(RECIPE["ema_decay"], (1 + global_step) / (10 + global_step)))
             if device == "cpu":
                 losses.append(loss.item())
@@ -371,6 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--time-sampling", default=None,
                     help=f"law of t: 'uniform' or 'logit-normal(m, s)' (default {RECIPE['time_sampling']!r})")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                    help=f"default {RECIPE['optimizer']!r} (muon: Muon for the blocks' matrices, AdamW for the rest)")
     ap.add_argument("--device", default="cpu", help="torch device to train on (default cpu)")
     ap.add_argument("--prediction", choices=["v", "x0"], default=None,
                     help="network output parametrisation (the model always returns v); default from the config")
@@ -383,7 +419,8 @@ def main(argv=None) -> int:
                      sample_dir=args.samples, sample_every=args.sample_every, num_data=args.num_data,
                      threads=args.threads, amp=not args.no_amp, config=config,
                      init_from=args.init_from, start_stage=args.start_stage, device=args.device,
-                     time_sampling=args.time_sampling, compile=False if args.no_compile else None)
+                     time_sampling=args.time_sampling, compile=False if args.no_compile else None,
+                     optimizer=args.optimizer)
     return 0
 
 
