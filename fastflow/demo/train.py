@@ -75,10 +75,14 @@ def _muon_param(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and (".transformer_blocks." in name or ".single_transformer_blocks." in name)
 
 
-def make_optimizers(model: torch.nn.Module, name: str, lr: float) -> list[torch.optim.Optimizer]:
-    """The optimizer(s) of one stage: ``[AdamW]`` or ``[Muon, AdamW]`` (see :data:`OPTIMIZERS`)."""
+def _check_optimizer(name: str) -> None:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizers(model: torch.nn.Module, name: str, lr: float) -> list[torch.optim.Optimizer]:
+    """The optimizer(s) of one stage: ``[AdamW]`` or ``[Muon, AdamW]`` (see :data:`OPTIMIZERS`)."""
+    _check_optimizer(name)
     adam_kw = dict(lr=lr, betas=RECIPE["betas"], weight_decay=RECIPE["weight_decay"])
     if name == "adamw":
         return [torch.optim.AdamW(model.parameters(), **adam_kw)]
@@ -174,8 +178,7 @@ def train_glyph_flow(
         compile = False if compile is None else compile
     compile = RECIPE["compile"] if compile is None else bool(compile)
     optimizer = RECIPE["optimizer"] if optimizer is None else str(optimizer)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+    _check_optimizer(optimizer)  # before rendering the data, not after
     if steps is not None:
         stages = [{"steps": int(steps), "lr": float(lr) if lr is not None else RECIPE["stages"][0]["lr"],
                    "warmup_steps": min(RECIPE["stages"][0]["warmup_steps"], max(1, int(steps) // 10))}]
