@@ -88,7 +88,7 @@ def _sample_all(ctx: Ctx, policy, steps=None, solver="euler", noise=None, labels
         res = fastflow.sample(ctx.model, xb, steps=steps or ctx.steps, policy=policy, solver=solver,
                               model_key=ctx.spec.key, **ctx.sample_kwargs(lb))
         xs.append(res.x)
-        nfes += [res.nfe] * xb.shape[0]
+        nfes += res.nfe_per_sample
         wall += res.wall_seconds
         if per_batch is not None:
             per_batch.append((res.nfe, res.x))

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
+from .engine import schedule_key
 from .errors import FastFlowError
+from .state import check_writable, user_cache_dir
 
 
 class UsageFailure(click.ClickException):
@@ -70,8 +72,22 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UsageFailure(f"--option expects KEY=VALUE (e.g. --option skip=3), got '{pair}'")
+        if key.strip() in options:
+            raise UsageFailure(f"--option {key.strip()} is given twice; give each option once")
         options[key.strip()] = value.strip()
     return options
+
+
+def _state_option(options: dict, state_path, no_state: bool):
+    """``--state PATH`` and ``--option state=PATH`` are one thing."""
+    if "state" in options:
+        given = options.pop("state")
+        if state_path is not None and str(state_path) != given:
+            raise UsageFailure(f"--state {state_path} and --option state={given} disagree; give one of them")
+        state_path = given
+    if no_state and state_path is not None:
+        raise UsageFailure("--no-state and --state exclude each other; give one of them")
+    return state_path
 
 
 def _policy_names() -> str:
@@ -111,7 +127,10 @@ DEFAULT_MODEL = "glyphs"
 @click.option("--guidance", default=None, type=float,
               help="Classifier-free guidance scale (default: the model's).")
 @click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
-              help="Policy state file: learning is loaded from it and saved back (ucb).")
+              help="Policy state file: learning is loaded from it and saved back (ucb, planned). "
+                   "Default for learning policies: one file per model, schedule and options in "
+                   "$XDG_CACHE_HOME/fastflow (~/.cache/fastflow).")
+@click.option("--no-state", is_flag=True, help="Learn from scratch and keep nothing (no state file).")
 @click.option("--out", "out_dir", default="fastflow-out", show_default=True,
               type=click.Path(file_okay=False), help="Folder for samples and summary.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -135,7 +154,7 @@ DEFAULT_MODEL = "glyphs"
               help="Pipelines: a denoiser export (fastflow export --prompt ...) to run with --backend "
                    "onnxruntime/tensorrt.")
 def run(model_name, backend, policy, options, steps, solver, shift, samples, batch_size, seed, labels,
-        guidance, state_path, out_dir, as_json, compare, edit_path, strength, prompt, negative_prompt,
+        guidance, state_path, no_state, out_dir, as_json, compare, edit_path, strength, prompt, negative_prompt,
         height, width, num_frames, image_path, dtype, device, export_dir):
     """Generate samples with a skip policy and report NFE, speed-up and fidelity.
 
@@ -149,9 +168,11 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     With --compare (the default) the same seeds are also run with policy `none`, and
     the summary gives the PSNR and max abs error between the two outputs.
     """
+    options = _parse_options(options)
+    state_path = _state_option(options, state_path, no_state)
     try:
         if prompt is not None or (model_name and _is_pipeline_ref(model_name)):
-            summary = _run_pipeline(model_name, prompt, policy, _parse_options(options), steps, seed, guidance,
+            summary = _run_pipeline(model_name, prompt, policy, options, steps, seed, guidance,
                                     out_dir, state_path, compare, negative_prompt, height, width, num_frames,
                                     image_path, dtype, device, backend, export_dir)
             if as_json:
@@ -159,9 +180,9 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
             else:
                 _print_summary(summary)
             return
-        summary = _run(model_name or DEFAULT_MODEL, backend, policy, _parse_options(options), steps,
+        summary = _run(model_name or DEFAULT_MODEL, backend, policy, options, steps,
                        solver, shift, samples, batch_size, seed, labels, guidance, state_path, out_dir,
-                       compare, quiet=as_json, edit_path=edit_path, strength=strength)
+                       compare, quiet=as_json, edit_path=edit_path, strength=strength, no_state=no_state)
     except FastFlowError as exc:
         _fail(exc)
     if as_json:
@@ -236,8 +257,29 @@ def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | 
     return [pool[i % len(pool)] for i in range(samples)]
 
 
+def _choose_state(policy_name, options, state_path, no_state, model_key, sched_key):
+    """(state path, how it was chosen) for this run: the given path; else, for a policy
+    that learns, a file in the user cache keyed to model, schedule and options."""
+    import hashlib
+
+    from .plugins import get_plugins
+    from .policy import accepted_options
+
+    learns = "state" in accepted_options(get_plugins().get("policies", policy_name).obj)
+    if state_path is not None:
+        if not learns:
+            raise UsageFailure(f"policy '{policy_name}' keeps no learned state; drop --state")
+        return state_path, "given"
+    if no_state or not learns:
+        return None, None
+    ident = json.dumps([model_key, sched_key, sorted(options.items())], sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(model_key))[:60]
+    return str(user_cache_dir() / f"{policy_name}-{safe}-{digest}.json"), "cache"
+
+
 def _run(model_name, backend_name, policy_name, options, steps, solver, shift, samples, batch_size, seed,
-         labels, guidance, state_path, out_dir, compare, quiet, edit_path=None, strength=0.6):
+         labels, guidance, state_path, out_dir, compare, quiet, edit_path=None, strength=0.6, no_state=False):
     import fastflow
     from .models import resolve_model
     from .metrics import max_abs_error, psnr
@@ -264,20 +306,19 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         edit = _read_image(edit_path, spec)
         samples = samples or len(labels)
     samples = samples or 64
+    shift = spec.default_shift if shift is None else shift
+    model_key = export.key if export is not None else spec.key
+    state_path, state_note = _choose_state(policy_name, options, state_path, no_state, model_key,
+                                           schedule_key(solver, steps, shift, strength if edit is not None else None))
     if state_path is not None:
+        check_writable(state_path)  # before any sampling: the run's learning must have somewhere to go
         options = {**options, "state": state_path}
-    try:
-        pol = fastflow.get_policy(policy_name, **options)
-    except fastflow.OptionError as exc:
-        if "state" in str(exc) and state_path is not None and "state" not in options.keys() - {"state"}:
-            raise fastflow.OptionError(f"policy '{policy_name}' keeps no learned state; drop --state") from None
-        raise
+    pol = fastflow.get_policy(policy_name, **options)
     backend = fastflow.get_backend(backend_name)
     label_list = _resolve_labels(spec, labels, samples)
     guidance = spec.default_guidance if guidance is None else guidance
     if guidance is not None and spec.null_label is None:
         raise UsageFailure(f"model '{spec.name}' has no unconditional branch; drop --guidance")
-    shift = spec.default_shift if shift is None else shift
 
     import torch
 
@@ -285,7 +326,6 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         model = export if export is not None else spec.build()
     except (OSError, ValueError) as exc:  # e.g. missing or damaged weights
         raise UsageFailure(f"cannot load model '{spec.name}': {exc}") from None
-    model_key = export.key if export is not None else spec.key
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)
     batches = [(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
@@ -294,6 +334,8 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     outputs = {name: [] for name, _ in jobs}
     nfe = {name: [] for name, _ in jobs}
     wall = {name: 0.0 for name, _ in jobs}
+    calibration = {name: 0 for name, _ in jobs}  # samples that computed every step to calibrate
+    calls = {name: 0 for name, _ in jobs}
     show = sys.stderr.isatty() and not quiet
     _warm_up(model, noise[:batch_size], spec, label_list, backend)
     with click.progressbar(length=len(batches) * len(jobs), label=f"sampling ({policy_name})",
@@ -310,16 +352,20 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
                                       shift=shift, solver=solver, model_key=model_key, **kwargs, **cond)
                 outputs[name].append(res.x)
-                nfe[name].append(res.nfe)
+                nfe[name].append(res.nfe_per_sample)
+                calibration[name] += res.calibration_samples
+                calls[name] += res.model_calls
                 wall[name] += res.wall_seconds
                 bar.update(1)
     if state_path is not None:
         pol.save(state_path)
 
     x = torch.cat(outputs["policy"])
-    nfe_per_sample = [n for n, (lo, hi) in zip(nfe["policy"], batches) for _ in range(hi - lo)]
+    nfe_per_sample = [n for per_batch in nfe["policy"] for n in per_batch]
     nfe_mean = sum(nfe_per_sample) / len(nfe_per_sample)
-    evals = sum(nfe["policy"])
+    evals = calls["policy"]
+    cal = calibration["policy"]
+    after = nfe_per_sample[cal:]
     summary = {
         "policy": policy_name,
         "policy_options": _jsonable(pol.options()),
@@ -333,7 +379,15 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "seed": seed,
         "guidance": guidance,
         "nfe_mean": nfe_mean,
+        "nfe_per_sample": nfe_per_sample,
+        "nfe_min": min(nfe_per_sample),
+        "nfe_max": max(nfe_per_sample),
         "nfe_full": steps,
+        "model_calls": evals,
+        "calibration_samples": cal,
+        "calibration_nfe": sum(nfe_per_sample[:cal]),
+        "nfe_mean_after_calibration": sum(after) / len(after) if after else None,
+        "learned": pol.learned() if hasattr(pol, "learned") else None,
         "speedup_nfe": steps / nfe_mean,
         "wall_seconds": wall["policy"],
         "ms_per_eval": 1000.0 * wall["policy"] / max(evals, 1),
@@ -356,6 +410,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         summary.update(_image_outputs(spec, x, ref if compare else None, label_list, out, edit))
     if state_path is not None:
         summary["state"] = str(state_path)
+        summary["state_note"] = state_note
     summary["out"] = str(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -450,28 +505,46 @@ class _Null:
 
 
 def _print_summary(s: dict) -> None:
+    """The human summary; it reads only what both the model and the pipeline runs write."""
+    nfe = f"{s['nfe_mean']:.2f} of {s['nfe_full']}"
+    if s.get("nfe_min") is not None and s["nfe_min"] != s["nfe_max"]:
+        nfe += f" (min {s['nfe_min']}, max {s['nfe_max']})"
     rows = [
-        ("model", s["model"]), ("policy", s["policy"]), ("backend", s["backend"]),
-        ("steps", s["steps"]), ("samples", s["samples"]),
-        ("NFE per sample", f"{s['nfe_mean']:.2f} of {s['nfe_full']}"),
+        ("model", s.get("model")), ("policy", s.get("policy")), ("backend", s.get("backend", "torch")),
+        ("steps", s.get("steps")), ("samples", s.get("samples")),
+        ("NFE per sample", nfe),
         ("speed-up (NFE)", f"{s['speedup_nfe']:.2f}x"),
-        ("wall time", f"{s['wall_seconds']:.2f} s"),
-        ("ms per evaluation", f"{s['ms_per_eval']:.2f}"),
     ]
+    if s.get("calibration_samples"):
+        after = s.get("nfe_mean_after_calibration")
+        rows.append(("calibration", f"{s['calibration_samples']} sample(s) with every step computed "
+                                    f"({s['calibration_nfe']} evaluations); the rest: "
+                                    + (f"{after:.2f} NFE = {s['nfe_full'] / after:.2f}x" if after else "none")))
+    if s.get("learned"):
+        rows.append(("learned", s["learned"]))
+    if s.get("wall_seconds") is not None:
+        rows.append(("wall time", f"{s['wall_seconds']:.2f} s"))
+    if s.get("ms_per_eval") is not None:
+        rows.append(("ms per evaluation", f"{s['ms_per_eval']:.2f}"))
     if "psnr_db" in s:
         p = s["psnr_db"]
-        rows += [
-            ("reference wall time", f"{s['reference_wall_seconds']:.2f} s"),
-            ("speed-up (wall)", f"{s['speedup_wall']:.2f}x" if s["speedup_wall"] else "n/a"),
-            ("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB"),
-            ("max abs error", f"{s['max_abs_error']:.3g}"),
-        ]
+        if s.get("reference_wall_seconds") is not None:
+            rows.append(("reference wall time", f"{s['reference_wall_seconds']:.2f} s"))
+        if "speedup_wall" in s:
+            rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x" if s["speedup_wall"] else "n/a"))
+        rows.append(("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB (same seeds, every step computed)"))
+        if s.get("max_abs_error") is not None:
+            rows.append(("max abs error", f"{s['max_abs_error']:.3g} (largest pixel difference; images span -1..1)"))
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
             f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")))
         if s.get("fid_feature") is not None:
             rows.append(("feature FID", f"{s['fid_feature']:.3f}"))
-    rows.append(("outputs", s["out"]))
+    if s.get("state"):
+        rows.append(("state", s["state"] + (" (learning kept here; --no-state to start fresh)"
+                                            if s.get("state_note") == "cache" else "")))
+    if s.get("out"):
+        rows.append(("outputs", s["out"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")

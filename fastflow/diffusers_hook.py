@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import estimator
 from .engine import Step
 from .errors import FastFlowError, OptionError
 from .policy import History, SampleContext
@@ -274,8 +275,7 @@ class FastFlowHandle:
         c.step_calls += 1
         if c.step_skipped and h.v_prev is not None and h.k_cur < k:
             # v̂(t) = v_cur + (t − t_cur)·(v_cur − v_prev)/(t_cur − t_prev) = lerp(v_prev, v_cur, 1 + c)
-            coef = 1.0 + (c.ts[k] - h.t_cur) / (h.t_cur - h.t_prev)
-            return _rebuild(c.templates[key], _torch().lerp(h.v_prev, h.v_cur, coef))
+            return _rebuild(c.templates[key], estimator.extrapolate(h.v_prev, h.v_cur, h.t_prev, h.t_cur, c.ts[k]))
         self._pending_call = (c, k, key, h)
         return None
 
@@ -297,14 +297,18 @@ class FastFlowHandle:
         if c.step_skipped:
             c.fallback_calls += 1  # a branch with no history yet: computed, the step stays "skipped"
         elif c.pending >= 0 and h.v_prev is not None:
-            coef = 1.0 + (t - h.t_cur) / (h.t_cur - h.t_prev)
-            torch = _torch()
-            e = torch.sub(v, torch.lerp(h.v_prev, h.v_cur, coef)).float().square().mean()
+            e = estimator.history_error(v, h, t, getattr(c.run, "per_sample_error", False))
+            if c.err_sum is not None and e.shape != c.err_sum.shape:  # branches of unequal batch
+                e, c.err_sum = e.mean(), c.err_sum.mean()
             c.err_sum = e if c.err_sum is None else c.err_sum + e
             c.err_n += 1
         if not c.batch_size:
             c.batch_size = int(v.shape[0]) if getattr(v, "dim", lambda: 0)() else 1
             c.device = v.device
+        if not c.step_skipped and key == c.order[0]:
+            run = self._ensure_run(c)
+            if run.wants_velocities:  # calibrating policies see every true output of the first branch
+                run.record(k, v)
         h.k_prev, h.t_prev, h.v_prev = h.k_cur, h.t_cur, h.v_cur
         h.k_cur, h.t_cur, h.v_cur = k, t, v
         c.templates[key] = out

@@ -13,9 +13,10 @@ the resolved backend and policy objects directly; it makes no device→host tran
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+from . import estimator
 from .errors import FastFlowError, NonFiniteError, OptionError
 from .policy import History, Policy, SampleContext
 from .schedule import timesteps as make_timesteps
@@ -32,14 +33,27 @@ class Step(NamedTuple):
 
 @dataclass
 class SampleResult:
+    """What :func:`sample` returns.
+
+    ``nfe`` is the model evaluations per sample (a guided evaluation counts once): an
+    int when every sample had the same, else their mean. ``nfe_per_sample`` lists them
+    in order. ``calibration_samples`` counts the rows whose run calibrated the policy (every
+    step computed): the whole batch for ``planned``'s first, the first row alone for
+    ``ucb``'s (it runs them in a call of their own and accelerates the rest; ``trace`` is
+    then the accelerated rows').
+    """
+
     x: Any  # final samples, shape of the noise
-    nfe: int  # model evaluations per sample (a guided evaluation counts once)
+    nfe: float
     trace: list[Step]
     timesteps: list[float]
     wall_seconds: float = 0.0
     policy: str = ""
     backend: str = ""
     info: dict = field(default_factory=dict)
+    nfe_per_sample: list[int] = field(default_factory=list)
+    calibration_samples: int = 0  # rows that computed every step to calibrate the policy
+    model_calls: int = 0  # calls of the velocity function (a guided call on both branches counts once)
 
     @property
     def steps(self) -> int:
@@ -72,6 +86,26 @@ def resolve_backend(backend: Any):
 
         return get_backend(backend)
     return backend
+
+
+def _velocity(fn, guidance, conditioning: dict, uncond):
+    """The velocity function of one batch: plain, conditioned, or guided."""
+    if guidance is not None:
+        return _guided(fn, float(guidance), conditioning, uncond)
+    if conditioning:
+        return lambda x, t: fn(x, t, **conditioning)  # noqa: E731
+    return fn
+
+
+def _rows(d: dict | None, lo: int, hi: int, batch: int) -> dict | None:
+    """Per-row inputs (tensors whose first dimension is the batch) sliced to rows lo:hi;
+    everything else passes unchanged."""
+    if d is None:
+        return None
+    import torch
+
+    return {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
+            for k, v in d.items()}
 
 
 def _guided(fn, guidance: float, cond: dict, uncond: dict):
@@ -152,35 +186,56 @@ def sample(
     pol = resolve_policy(policy, **(policy_options or {}))
     be = resolve_backend(backend)
     fn = be.load(model, device=noise.device)
-    if guidance is not None:
-        if uncond is None:
-            raise OptionError("guidance needs uncond=... (the unconditional branch's inputs)")
-        velocity = _guided(fn, float(guidance), conditioning, uncond)
-    elif conditioning:
-        velocity = lambda x, t: fn(x, t, **conditioning)  # noqa: E731
-    else:
-        velocity = fn
+    if guidance is not None and uncond is None:
+        raise OptionError("guidance needs uncond=... (the unconditional branch's inputs)")
 
     stepper, ts = make_solver(solver, steps, shift, noise.device)
     if strength is not None or init is not None:
         ts, noise = _edit_start(ts, noise, init, strength, solver)
+    batch = int(noise.shape[0])
     ctx = SampleContext(
         timesteps=ts,
         model_key=model_key or _model_key(model),
-        schedule_key=f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}"
-        + (f"/strength={strength}" if strength is not None else ""),
-        batch_size=int(noise.shape[0]),
+        schedule_key=schedule_key(solver, steps, shift, strength),
+        batch_size=batch,
     )
+    # a policy that must calibrate may ask for it on the first rows only, alone, so the
+    # rest of the batch is accelerated by what it learned there
+    cal = int(pol.calibration_rows(ctx)) if hasattr(pol, "calibration_rows") else 0
+    parts = [(0, cal), (cal, batch)] if 0 < cal < batch else [(0, batch)]
     started = time.perf_counter()
+    xs, nfes, calls, cal_rows = [], [], 0, 0
     with torch.inference_mode():
-        x, nfe, trace = _integrate(velocity, noise, ts, pol, ctx, stepper)
+        for lo, hi in parts:
+            if len(parts) == 1:
+                velocity = _velocity(fn, guidance, conditioning, uncond)
+                part_ctx, part_noise = ctx, noise
+            else:
+                velocity = _velocity(fn, guidance, _rows(conditioning, lo, hi, batch), _rows(uncond, lo, hi, batch))
+                part_ctx, part_noise = replace(ctx, batch_size=hi - lo), noise[lo:hi]
+                if stepper is not None:  # a multistep scheduler keeps state: a fresh one per part
+                    stepper, _ = make_solver(solver, steps, shift, noise.device)
+            x, nfe, trace, calibrated = _integrate(velocity, part_noise, ts, pol, part_ctx, stepper)
+            xs.append(x)
+            nfes += [nfe] * (hi - lo)
+            calls += nfe
+            cal_rows += (hi - lo) if calibrated else 0
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
     if noise.device.type == "cuda":
         torch.cuda.synchronize(noise.device)
     wall = time.perf_counter() - started
+    mean_nfe = nfes[0] if len(set(nfes)) == 1 else sum(nfes) / len(nfes)
     return SampleResult(
-        x=x, nfe=nfe, trace=trace, timesteps=ts, wall_seconds=wall,
+        x=x, nfe=mean_nfe, trace=trace, timesteps=ts, wall_seconds=wall,
         policy=getattr(pol, "name", type(pol).__name__), backend=getattr(be, "name", str(be)),
+        nfe_per_sample=nfes, calibration_samples=cal_rows, model_calls=calls,
     )
+
+
+def schedule_key(solver: str, steps: int, shift: float | None, strength: float | None = None) -> str:
+    """What a learned policy state is keyed to, beside the model."""
+    return (f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}"
+            + (f"/strength={strength}" if strength is not None else ""))
 
 
 def _edit_start(ts, noise, init, strength, solver):
@@ -247,7 +302,7 @@ def make_solver(name: str, steps: int, shift: float | None, device):
 
 
 def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None):
-    """The per-step loop. Returns (x, nfe, trace)."""
+    """The per-step loop. Returns (x, nfe, trace, whether the run was a calibration)."""
     import torch
 
     T = len(ts) - 1
@@ -256,6 +311,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     run_lengths = policy.run_lengths(T)
     run = policy.start(ctx)
     needs_error = run.needs_error
+    per_sample = getattr(run, "per_sample_error", False)
     decide, observe = run.decide, run.observe
     record = run.record if run.wants_velocities else None
 
@@ -277,11 +333,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             computed_steps.append(k)
             if record is not None:
                 record(k, v)
-            if pending >= 0:
-                # error of the extrapolation at this step: v − v_k − c·(v_k − v_p)
-                c = (t - hist.t_cur) / (hist.t_cur - hist.t_prev)
-                d = torch.add(v, hist.v_cur, alpha=-(1.0 + c)).add_(hist.v_prev, alpha=c)
-                observe(pending, d.square_().mean())
+            if pending >= 0:  # the error of the extrapolation at this step
+                observe(pending, estimator.history_error(v, hist, t, per_sample))
                 pending = -1
             hist.k_prev, hist.t_prev, hist.v_prev = hist.k_cur, hist.t_cur, hist.v_cur
             hist.k_cur, hist.t_cur, hist.v_cur = k, t, v
@@ -303,7 +356,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                     for _ in range(n):
                         tk, h = ts[k], ts[k + 1] - ts[k]
                         if stepper is None:
-                            # x += h·v̂(t_k) with v̂(t) = v_cur + (t − t_cur)·slope
+                            # x += h·v̂(t_k), the estimator's v̂(t) = v_cur + (t − t_cur)·slope
+                            # written into the update so no v̂ tensor is allocated
                             x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (tk - hist.t_cur))
                         else:
                             x = stepper(torch.add(hist.v_cur, slope, alpha=tk - hist.t_cur), k, x)
@@ -315,7 +369,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
         ok = True
     finally:
         run.close(ok)
-    return x, nfe, trace
+    return x, nfe, trace, getattr(run, "calibrating", False)
 
 
 def _check_finite(sums, computed_steps, x, ts) -> None:

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "fastflow.policies.fixed",
     "fastflow.policies.threshold",
     "fastflow.policies.ucb",
+    "fastflow.policies.ucb_paper",
     "fastflow.policies.planned",
     "fastflow.backends.torch_backend",
     "fastflow.backends.onnxruntime_backend",

@@ -10,7 +10,9 @@ the run's methods directly:
   and never past the last step.
 * ``observe(k, err)`` (only when ``run.needs_error``): at the next computed step after a
   decision made at ``k``, ``err`` is the mean squared error between the extrapolated and
-  the true velocity there — a 0-d tensor left on the device; read it in ``close``.
+  the true velocity there (float32, :mod:`fastflow.estimator`) — a 0-d tensor left on the
+  device, or one value per sample (shape ``(batch,)``) when ``run.per_sample_error``;
+  read it in ``close``.
 * ``record(k, v)`` (only when ``run.wants_velocities``): every computed velocity, left on
   the device (used by calibration runs that look at the whole trajectory).
 * ``close(ok)`` once, when the sample ends (``ok`` is false if it failed).
@@ -54,7 +56,9 @@ class PolicyRun:
     """Per-sample decisions. The default computes every step."""
 
     needs_error = False
+    per_sample_error = False
     wants_velocities = False
+    calibrating = False  # this run computes every step to calibrate (reported as such)
 
     def decide(self, k: int, hist: History) -> int:
         return 0
@@ -111,6 +115,15 @@ class Policy:
     def start(self, ctx: SampleContext) -> PolicyRun:
         return PolicyRun()
 
+    def calibration_rows(self, ctx: SampleContext) -> int:
+        """Rows of the coming batch that should calibrate alone (every step computed)
+        before the rest of the batch starts; 0 (the default): the batch stays whole."""
+        return 0
+
+    def learned(self) -> str | None:
+        """One or two lines on what the policy has learned, for summaries (None: nothing)."""
+        return None
+
     def options(self) -> dict:
         """The options this policy was built with (for summaries and state keys)."""
         return {"window_start": self.window_start, "window_end": self.window_end, "warmup": self.warmup}
@@ -147,7 +160,9 @@ def opt_float(name: str, value: Any, *, lo: float | None = None, hi: float | Non
         out = float(value)
     except (TypeError, ValueError):
         raise OptionError(f"option {name} must be a number, got {value!r}") from None
-    if out != out or (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
+    if out != out or out in (float("inf"), float("-inf")):
+        raise OptionError(f"option {name} must be a finite number, got {value!r}")
+    if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
         rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         raise OptionError(f"option {name} must be in {rng}, got {value!r}")
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from fastflow import estimator
 from fastflow.errors import OptionError, StateFileError
 from fastflow.hookspecs import hookimpl
 from fastflow.policy import Policy, PolicyRun, opt_float, opt_int, skips_until_computed
@@ -30,6 +31,7 @@ from fastflow.state import read_state, write_state
 
 class _Calibration(PolicyRun):
     wants_velocities = True
+    calibrating = True
 
     def __init__(self, policy: "PlannedPolicy", timesteps):
         self.policy, self.ts, self.vs = policy, timesteps, []
@@ -61,14 +63,13 @@ def run_costs(vs, ts, max_skip: int) -> dict:
     keys, vals = [], []
     for c in range(1, T - 1):
         for p in range(max(0, c - max_skip - 1), c):
-            slope = (vs[c] - vs[p]) / (ts[c] - ts[p])
             e = torch.zeros_like(vs[c])
             for L in range(1, max_skip + 1):
                 j = c + L
                 if j >= T - 1:  # the last step is always computed
                     break
                 h = ts[j + 1] - ts[j]
-                e = e + h * (vs[c] + (ts[j] - ts[c]) * slope - vs[j])
+                e = e + h * (estimator.extrapolate(vs[p], vs[c], ts[p], ts[c], ts[j]) - vs[j])
                 keys.append((p, c, L))
                 vals.append(e.square().mean())
     values = torch.stack(vals).double().tolist() if vals else []

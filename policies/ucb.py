@@ -1,256 +1,211 @@
-"""``ucb``: the FastFlow bandit, as the paper describes it.
+"""``ucb``: the FastFlow bandit that learns in one batch, with one default for every model.
 
-One UCB1 bandit per timestep index k. Its arms are how many following steps to skip
-(default 0-4; the public fork uses 0, 2, 4, 6). At step k the bandit picks argmax_a Q(a) + γ·sqrt(ln n / N(a))
-(each arm once first). The reward, seen at the next model evaluation after the
-decision (step j), is
+The decision is the paper's: one UCB1 bandit per step index k, whose arms are how many
+following steps to extrapolate instead of computing. What the bandit is taught differs
+(``ucb-paper`` keeps the paper's rule; docs/policies.md measures both):
 
-    r = μ · skipped − MSE(v̂_j, v_j)
+* **Scale-free rewards, priced in the sample.** The velocity error of a skip run is
+  measured where the model is next consulted (step j), relative to the model's own
+  velocity scale σ² (the mean squared velocity of the calibration run):
+  ρ² = MSE(v̂_j, v_j) / σ². :func:`run_weight` turns it into the share w that the skipped
+  steps add to the sample (Σ h_i times each step's error, which grows like d·(d + s) with
+  the distance d from the last true velocity). The reward of skipping n steps is
+  ``n − (w·ρ / tolerance)²`` (0 for arm 0): a run is worth its steps while the relative
+  error it adds to the sample stays below ``tolerance``·sqrt(n). ``tolerance`` is the one
+  fidelity knob, and its meaning does not depend on the model's units.
+* **Every sample is a pull.** The error is taken per sample, so a batch of 16 teaches
+  the bandits 16 rewards per decision, not one.
+* **Calibration that costs one sample.** The first sample of the first batch computes
+  every step alone; the rest of that batch is already accelerated. Its trajectory holds
+  every arm's counterfactual error at every step (the history pair k−2, k−1 extrapolated
+  to k + n), which seeds every bandit with one pull per arm: the first decisions are
+  informed, and UCB1's exploration starts from there.
 
-the speed gained against the error the extrapolation makes where the model is next
-consulted; for arm 0 that is the step right after k. It is credited to the bandit of k.
-μ is given, or calibrated from the first generation (run with every step computed) as
-max_j MSE(v̂_j, v_j) / T, as in the paper.
-
-Decisions depend on Q and N only, which change at the end of a sample: every bandit
-is consulted at most once per sample, so the rewards stay on the device during the
-loop and are read in one transfer when the sample ends.
+Decisions depend on the bandits' statistics, which change when a sample ends: the loop
+keeps the errors on the device and reads them in one transfer at the end.
 """
 
 from __future__ import annotations
 
 import math
 
-from fastflow.errors import OptionError, StateFileError
+from fastflow import estimator
+from fastflow.bandit import BanditPolicy
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_float, opt_int_list
-from fastflow.state import read_state, write_state
+from fastflow.policy import PolicyRun, opt_float, opt_int
 
 
-class UCB1:
-    """One bandit: counts N(a), mean rewards Q(a), UCB1 choice with constant γ."""
+def run_weight(ts, t_prev: float, t_cur: float, k: int, n: int) -> float:
+    """How much of the velocity error seen at step j = k + n lands in the sample.
 
-    __slots__ = ("counts", "values", "gamma")
-
-    def __init__(self, n_arms: int, gamma: float):
-        self.counts = [0] * n_arms
-        self.values = [0.0] * n_arms
-        self.gamma = gamma
-
-    def choose(self) -> int:
-        for i, c in enumerate(self.counts):
-            if c == 0:
-                return i
-        log_n = math.log(sum(self.counts))
-        scores = [q + self.gamma * math.sqrt(log_n / c) for q, c in zip(self.values, self.counts)]
-        return max(range(len(scores)), key=scores.__getitem__)
-
-    def update(self, arm: int, reward: float) -> None:
-        self.counts[arm] += 1
-        self.values[arm] += (reward - self.values[arm]) / self.counts[arm]
+    Skipping steps k..j−1 adds Σ_i h_i·(v̂_i − v_i) to the sample. A first-order
+    extrapolation from t_cur (history spacing s = t_prev − t_cur) errs like
+    d·(d + s) at distance d = t_cur − t, so each skipped step's error is that of step j
+    scaled by d_i(d_i + s) / (d_j(d_j + s)); their h-weighted sum is returned."""
+    s = t_prev - t_cur
+    dj = t_cur - ts[k + n]
+    norm = dj * (dj + s)
+    if not norm > 0:
+        return 0.0
+    return sum((ts[i] - ts[i + 1]) * (t_cur - ts[i]) * (t_cur - ts[i] + s) for i in range(k, k + n)) / norm
 
 
-class _CalibrationRun(PolicyRun):
-    """First generation: compute everything, record every extrapolation error."""
+class _Calibration(PolicyRun):
+    """Every step computed; the true velocities seed σ² and every bandit."""
 
-    needs_error = True
+    wants_velocities = True
+    calibrating = True
 
-    def __init__(self, policy: "UCBPolicy"):
-        self.policy = policy
-        self.errors = []
+    def __init__(self, policy: "UCBPolicy", ctx):
+        self.policy, self.ts, self.vs = policy, ctx.timesteps, []
 
-    def decide(self, k, hist):
-        return 0
-
-    def observe(self, k, err):
-        self.errors.append(err)
+    def record(self, k, v):
+        self.vs.append(v)
 
     def close(self, ok=True):
-        if ok and self.errors:
-            import torch
-
-            errs = torch.stack(self.errors).double().tolist()
-            self.policy.mu = self.policy.mu_scale * max(errs) / self.policy._steps
-            self.policy.samples += 1
+        if ok and len(self.vs) == len(self.ts) - 1:
+            self.policy._calibrate(self.vs, self.ts)
 
 
-class _BanditRun(PolicyRun):
+class _Bandits(PolicyRun):
     needs_error = True
+    per_sample_error = True
 
-    def __init__(self, policy: "UCBPolicy", bandits, room):
-        self.policy, self.bandits, self.room = policy, bandits, room
+    def __init__(self, policy: "UCBPolicy", room, ts):
+        self.policy, self.room, self.ts = policy, room, ts
+        self.bandits, self.arms = policy.bandits, policy.arms
         self.decisions: list[tuple[int, int, int]] = []  # (k, arm index, steps skipped)
         self.errors = []
 
     def decide(self, k, hist):
         arm = self.bandits[k].choose()
-        skip = self.policy.arms[arm]
-        self.decisions.append((k, arm, min(skip, self.room[k])))
+        skip = self.arms[arm]
+        n = min(skip, self.room[k])
+        self.decisions.append((k, arm, n, run_weight(self.ts, hist.t_prev, hist.t_cur, k, n) if n else 0.0))
         return skip
 
     def observe(self, k, err):
-        self.errors.append(err)
+        self.errors.append(err.reshape(-1))
 
     def close(self, ok=True):
         if not ok or not self.errors:
             return
         import torch
 
-        errs = torch.stack(self.errors).double().tolist()  # the sample's one transfer
-        mu = self.policy.mu
-        scale = 1.0 / mu if self.policy.normalized and mu > 0 else 1.0
-        for (k, arm, skipped), err in zip(self.decisions, errs):
-            if math.isfinite(err):
-                self.bandits[k].update(arm, (mu * skipped - err) * scale)
-        self.policy.samples += 1
+        sizes = [e.numel() for e in self.errors]
+        flat = torch.cat(self.errors).double().tolist()  # the sample's one transfer
+        price = self.policy._price
+        i = 0
+        for (k, arm, skipped, w), n in zip(self.decisions, sizes):
+            errs = [e for e in flat[i:i + n] if math.isfinite(e)]
+            i += n
+            if errs:
+                reward = 0.0 if skipped == 0 else skipped - price * w * w * sum(errs) / len(errs)
+                self.bandits[k].update(arm, reward, len(errs))
+        self.policy.samples += max(sizes)
 
 
-class UCBPolicy(Policy):
-    """The paper's per-timestep UCB1 bandit.
+class UCBPolicy(BanditPolicy):
+    """fastflow's bandit: scale-free rewards, a pull per sample, calibration on one sample.
 
     Options:
-        arms: skip counts the bandits choose among (default ``0,1,2,3,4``; the fork: ``0,2,4,6``).
-        gamma: exploration constant γ (default 2.0).
-        mu: reward per skipped step; default: calibrated from the first generation as
-            mu_scale · max_t MSE(v̂_t, v_t) / T.
-        mu_scale: factor on the calibrated μ (default 1.0, the paper's rule); smaller
-            prices errors higher (fewer skips). Only with a calibrated μ.
-        state: JSON file to load learning from (if it exists) and save to
-            (:meth:`save`; the CLI saves after ``run``).
+        tolerance: the relative RMS error (against the model's velocity RMS) that one
+            skipped step may add to the sample (default 0.003). Smaller: closer to the full
+            output, fewer skips. Independent of the model's units.
+        arms: skip counts the bandits choose among (default ``0,1,2,3,4,6,8``).
+        gamma: UCB1 exploration constant, in skipped steps (default 0.5).
+        calibrate: samples that compute every step to calibrate (default 1, the first
+            sample of the first batch; the rest of that batch is accelerated).
+        state: JSON file to load learning from and save it to (merged under a lock with
+            what other processes saved meanwhile). ``fastflow run`` keeps one per model
+            and schedule in the user cache unless told ``--state`` or ``--no-state``.
     """
 
     name = "ucb"
-    normalized = False  # rewards in raw MSE units, as in the paper
 
-    default_mu_scale = 1.0
+    def __init__(self, *, tolerance: float = 0.003, arms="0,1,2,3,4,6,8", gamma: float = 0.5,
+                 calibrate: int = 1, state=None, **common):
+        self.tolerance = opt_float("tolerance", tolerance, lo=0.0, lo_open=True)
+        self.calibrate = opt_int("calibrate", calibrate, lo=1)
+        self.scale: float | None = None  # σ², the calibration's mean squared velocity
+        super().__init__(arms=arms, gamma=gamma, state=state, **common)
 
-    def __init__(self, *, arms="0,1,2,3,4", gamma: float = 2.0, mu=None, mu_scale=None, state=None, **common):
-        super().__init__(**common)
-        self.arms = opt_int_list("arms", arms, lo=0)
-        if len(set(self.arms)) != len(self.arms):
-            raise OptionError(f"option arms lists a skip count twice: {self.arms}")
-        self.gamma = opt_float("gamma", gamma, lo=0.0)
-        self.mu = None if mu is None else opt_float("mu", mu, lo=0.0)
-        if mu is not None and mu_scale is not None:
-            raise OptionError("options mu and mu_scale exclude each other: mu_scale scales the "
-                              "calibrated mu; give one of them")
-        self.mu_scale = self.default_mu_scale if mu_scale is None else opt_float("mu_scale", mu_scale, lo=0.0,
-                                                                                 lo_open=True)
-        self.state_path = state
-        self.samples = 0
-        self.key: dict | None = None
-        self.bandits: list[UCB1] | None = None
-        self._steps = 0
-        self._loaded = read_state(state, self.name) if state is not None else None
-        if self._loaded is not None:
-            self._check_options(self._loaded)
+    @property
+    def _price(self) -> float:
+        """Reward lost per unit of w²·MSE: 1 / (σ² · tolerance²)."""
+        return 1.0 / (self.scale * self.tolerance ** 2)
 
-    # -- learning ----------------------------------------------------------------
+    def calibration_rows(self, ctx) -> int:
+        if self.key is None:
+            self._bind_key(ctx)
+        return self.calibrate if self.scale is None else 0
+
     def start(self, ctx):
-        key = {"model": ctx.model_key, "schedule": ctx.schedule_key, "steps": ctx.steps}
-        if self.key is None:
-            self._bind(key)
-        elif key != self.key:
-            raise OptionError(
-                f"this ucb policy learned on {self.key}; the new sample uses {key}. "
-                f"Use a fresh policy (or another state file) for another model or schedule."
-            )
-        room = self.run_lengths(ctx.steps)
-        if self.mu is None:
-            return _CalibrationRun(self)
-        return _BanditRun(self, self.bandits, room)
+        self._bind_key(ctx)
+        if self.scale is None:
+            return _Calibration(self, ctx)
+        return _Bandits(self, self.run_lengths(ctx.steps), ctx.timesteps)
 
-    def _bind(self, key: dict) -> None:
-        self.key, self._steps = key, key["steps"]
-        self.bandits = [UCB1(len(self.arms), self.gamma) for _ in range(self._steps + 1)]
-        data = self._loaded
-        if data is None:
-            return
-        if data.get("key") != key:
-            raise StateFileError(
-                f"state file {self.state_path} was learned for {data.get('key')}, but this run "
-                f"is {key}. Pass another --state path for this model and schedule."
-            )
-        try:
-            tables = data["bandits"]
-            if len(tables) != len(self.bandits):
-                raise ValueError("wrong number of bandits")
-            for bandit, row in zip(self.bandits, tables):
-                counts, values = [int(c) for c in row["counts"]], [float(v) for v in row["values"]]
-                if len(counts) != len(self.arms) or len(values) != len(self.arms) or min(counts) < 0:
-                    raise ValueError("wrong number of arms")
-                bandit.counts, bandit.values = counts, values
-            mu = data.get("mu")
-            if self.mu is None and mu is not None:
-                self.mu = float(mu)
-            self.samples = int(data.get("samples", 0))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateFileError(
-                f"state file {self.state_path} is damaged ({exc}); it was left untouched. "
-                f"Move it away or pass another --state path."
-            ) from None
+    def _calibrate(self, vs, ts) -> None:
+        """σ² and one prior pull per arm and sample at every bandit, from a full trajectory."""
+        import torch
 
-    def _check_options(self, data: dict) -> None:
-        stored = data.get("options", {})
-        if stored.get("arms") != self.arms:
-            raise StateFileError(
-                f"state file {self.state_path} was learned with arms={stored.get('arms')}, not "
-                f"{self.arms}. Use the same arms or another --state path."
-            )
-        if self.mu is None and float(stored.get("mu_scale", 1.0)) != self.mu_scale:
-            raise StateFileError(
-                f"state file {self.state_path} calibrated mu with mu_scale={stored.get('mu_scale', 1.0)}, "
-                f"not {self.mu_scale}. Use the same mu_scale or another --state path."
-            )
+        T = len(vs)
+        room = self.run_lengths(T)
+        cells, errs = [], []
+        for k in range(2, T):
+            if not room[k]:
+                continue
+            for arm, a in enumerate(self.arms):
+                n = min(a, room[k])
+                if n:
+                    cells.append((k, arm, n, run_weight(ts, ts[k - 2], ts[k - 1], k, n)))
+                    errs.append(estimator.error(vs[k + n], vs[k - 2], vs[k - 1], ts[k - 2], ts[k - 1], ts[k + n],
+                                                per_sample=True).reshape(-1))
+        scale_t = torch.stack([v.float().square().mean() for v in vs]).mean()
+        host = torch.cat([scale_t.reshape(1).double()] + [e.double() for e in errs]).tolist()  # one transfer
+        scale = host[0]
+        if not (math.isfinite(scale) and scale > 0):
+            return  # an all-zero or broken model: stay uncalibrated (every step computed)
+        self.scale = scale
+        rows = vs[0].shape[0] if vs[0].dim() else 1
+        flat = host[1:]
+        for i, (k, arm, n, w) in enumerate(cells):
+            for e in flat[i * rows:(i + 1) * rows]:
+                if math.isfinite(e):
+                    self.bandits[k].update(arm, n - self._price * w * w * e)
+        for k in range(2, T):  # arm 0 (and arms the room clamps to 0) cost nothing
+            if room[k]:
+                for arm, a in enumerate(self.arms):
+                    if min(a, room[k]) == 0:
+                        self.bandits[k].update(arm, 0.0, rows)
+        self.samples += rows
 
-    # -- persistence ---------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "key": self.key,
-            "options": {"arms": self.arms, "gamma": self.gamma, "mu_scale": self.mu_scale},
-            "mu": self.mu,
-            "samples": self.samples,
-            "bandits": [{"counts": b.counts, "values": b.values} for b in (self.bandits or [])],
-        }
+    # -- state ------------------------------------------------------------------------------
+    def _stored_options(self):
+        return {"arms": self.arms, "tolerance": self.tolerance, "window_start": self.window_start,
+                "window_end": self.window_end, "warmup": self.warmup}
 
-    def save(self, path=None) -> None:
-        path = path if path is not None else self.state_path
-        if path is None:
-            raise OptionError("no state path: pass state=PATH to the policy or a path to save()")
-        if self.key is None:
-            return  # nothing learned yet
-        write_state(path, self.name, self.state_dict())
+    def _extra_state(self):
+        return {"scale": self.scale}
 
-    def schedule(self) -> list[int]:
-        """The skip count each bandit currently prefers (greedy, no exploration)."""
-        if not self.bandits:
-            return []
-        return [self.arms[max(range(len(b.values)), key=b.values.__getitem__)] for b in self.bandits]
+    def _load_extra(self, data):
+        scale = data.get("scale")
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"'scale' is {scale!r}; it must be a finite number > 0")
+            self.scale = float(scale)
+
+    def _merge_extra(self, disk):
+        if self.scale is None and disk.get("scale") is not None:
+            self.scale = float(disk["scale"])
 
     def options(self):
-        return {"arms": self.arms, "gamma": self.gamma, "mu": self.mu, "mu_scale": self.mu_scale,
-                **super().options()}
-
-
-class NormalizedUCBPolicy(UCBPolicy):
-    """``ucb-norm``: the same bandit with rewards measured in units of μ,
-    r/μ = skipped − MSE/μ, so they are O(1) like the exploration bonus γ·sqrt(ln n/N),
-    and μ priced 50 times higher than the paper's (``mu_scale`` 50).
-
-    With the paper's raw rewards (MSE values around 1e-3 next to a bonus around 2),
-    UCB1 keeps choosing the least-tried arm for a very long time, i.e. it skips at
-    random; in μ units the error term can outweigh the bonus and the bandits settle.
-    """
-
-    name = "ucb-norm"
-    normalized = True
-    #: μ = 50 × the paper's calibration, i.e. max_t MSE(v̂_t, v_t) on a 50-step schedule: with
-    #: the paper's μ, rewards on the bonus's scale make the bandit learn not to skip at all
-    #: (1.27x on the glyph model); tuned on seeds the bench does not use (40 -> 2.82x, 40 dB)
-    default_mu_scale = 50.0
+        return {"tolerance": self.tolerance, "arms": self.arms, "gamma": self.gamma,
+                "calibrate": self.calibrate, **super().options()}
 
 
 @hookimpl
 def register_policies(register):
-    register("ucb", UCBPolicy, description="FastFlow: per-timestep UCB1 bandit over skip counts (the paper; mu_scale None = 1)")
-    register("ucb-norm", NormalizedUCBPolicy, description="the FastFlow bandit with rewards in units of mu (mu_scale None = 50)")
+    register("ucb", UCBPolicy, description="FastFlow bandit: scale-free rewards (tolerance), a pull per sample, "
+                                           "calibrates on one sample")

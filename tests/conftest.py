@@ -13,6 +13,12 @@ def fresh_plugins(monkeypatch):
     fastflow.plugins.reset_plugins()
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """`fastflow run` keeps learning in the user cache: each test gets its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread (and leave the other core to the rest)."""

@@ -44,7 +44,9 @@ def test_nfe_figures_are_exact(quick):
     assert rows["planned-8"]["nfe"] == 8 and rows["unipc+planned-8"]["nfe"] == 8
     # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
     assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
-    assert result["curves"]["ucb-cold"]["nfe"][0] == 20 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
+    # ucb calibrates on the first sample of the first batch of 4 and accelerates the other 3
+    first = result["curves"]["ucb-cold"]["nfe"][0]
+    assert first < 20 and (4 * first - 20) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
 
 
 def test_bandit_warm_up_in_small_batches_gives_one_pull_per_batch():
@@ -61,7 +63,7 @@ def test_bandit_warm_up_in_small_batches_gives_one_pull_per_batch():
     made = []
 
     def make():
-        made.append(fastflow.get_policy("ucb", mu=0.01, arms="0,1"))
+        made.append(fastflow.get_policy("ucb-paper", mu=0.01, arms="0,1"))
         return made[-1]
 
     m = policy_method("ucb-warm", "ucb", "", make, warm=True, warm_batches=2, warm_batch_size=2)

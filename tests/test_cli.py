@@ -62,17 +62,57 @@ def test_table_output(tmp_path):
 def test_ucb_state_file_round_trip_through_the_cli(tmp_path):
     state = tmp_path / "ucb.json"
     first = run_json(tmp_path, "--policy", "ucb", "--state", str(state), "--batch-size", "2")
-    # batch 1 calibrates μ (all 20 steps), batch 2 tries arm 0 everywhere, then skipping starts
-    assert first["nfe_mean"] < 20
+    # the first sample calibrates alone (all 20 steps); every other sample is accelerated
+    assert first["calibration_samples"] == 1 and first["calibration_nfe"] == 20
+    assert first["nfe_per_sample"][0] == 20 and max(first["nfe_per_sample"][1:]) < 20
+    assert first["nfe_mean"] == sum(first["nfe_per_sample"]) / len(first["nfe_per_sample"])
+    assert first["nfe_mean_after_calibration"] == sum(first["nfe_per_sample"][1:]) / (len(first["nfe_per_sample"]) - 1)
     data = json.loads(state.read_text())
-    assert data["samples"] == 4 and data["mu"] > 0
-    again = run_json(tmp_path, "--policy", "ucb", "--state", str(state), "--batch-size", "2")
-    assert json.loads(state.read_text())["samples"] == 8
-    assert again["nfe_mean"] < first["nfe_mean"]  # no calibration and no arm-0 round this time
+    assert data["samples"] == first["samples"] and data["scale"] > 0 and first["state"] == str(state)
+    again = run_json(tmp_path, "--policy", "ucb", "--option", f"state={state}", "--batch-size", "2")
+    assert again["calibration_samples"] == 0 and max(again["nfe_per_sample"]) < 20
+    assert json.loads(state.read_text())["samples"] == 2 * first["samples"]  # --option state= saves too
+
+
+def test_learning_is_kept_in_the_user_cache_unless_told_otherwise(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    first = run_json(tmp_path, "--policy", "ucb")
+    assert first["state"].startswith(str(cache / "fastflow")) and first["calibration_samples"] == 1
+    again = run_json(tmp_path, "--policy", "ucb")
+    assert again["state"] == first["state"] and again["calibration_samples"] == 0
+    other = run_json(tmp_path, "--policy", "ucb", "--option", "tolerance=0.01")  # other options, other file
+    assert other["state"] != first["state"] and other["calibration_samples"] == 1
+    fresh = run_json(tmp_path, "--policy", "ucb", "--no-state")
+    assert "state" not in fresh and fresh["calibration_samples"] == 1
+    assert len(list((cache / "fastflow").glob("ucb-*.json"))) == 2
+    assert "state" not in run_json(tmp_path, "--policy", "fixed")  # keeps nothing, writes nothing
+
+
+def test_the_human_summary_says_what_calibration_cost_and_what_was_learned(tmp_path):
+    result = invoke("run", "--model", "gmm", "--steps", "20", "--samples", "8", "--batch-size", "4",
+                    "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "calibration" in result.output and "1 sample(s) with every step computed (20 evaluations)" in result.output
+    assert "learned" in result.output and "greedy schedule computes" in result.output
+    assert "(min " in result.output and "max 20)" in result.output
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--policy", "ubc"], "unknown policy 'ubc'. Did you mean 'ucb'? Known policies: fixed, none, planned, threshold, ucb, ucb-norm"),
+    (["--option", "tolerance=0.1", "--option", "tolerance=0.2"], "--option tolerance is given twice"),
+    (["--state", "a.json", "--option", "state=b.json"], "disagree"),
+    (["--state", "a.json", "--no-state"], "exclude each other"),
+    (["--policy", "fixed", "--state", "a.json"], "keeps no learned state"),
+    (["--policy", "ucb", "--option", "tolerance=inf"], "tolerance must be a finite number"),
+])
+def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
+    result = invoke("run", "--model", "gmm", "--steps", "10", "--samples", "2", "--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--policy", "ubc"], "unknown policy 'ubc'. Did you mean 'ucb'? Known policies: fixed, none, planned, threshold, ucb, ucb-norm, ucb-paper"),
     (["--backend", "troch"], "unknown backend 'troch'. Did you mean 'torch'?"),
     (["--model", "gmn"], "unknown model 'gmn'. Did you mean 'gmm'?"),
     (["--policy", "fixed", "--option", "skip=-1"], "option skip must be an integer in [0, inf], got '-1'"),
@@ -106,8 +146,10 @@ def test_plugins_command(tmp_path):
     result = invoke("plugins", "--json")
     rows = json.loads(result.output)
     ucb = next(r for r in rows if r["name"] == "fastflow.policies.ucb")
-    assert ucb["registers"]["policies"] == ["ucb", "ucb-norm"] and ucb["distribution"] == "fastflow"
-    assert "ucb" in invoke("plugins").output and "arms = '0,1,2,3,4'" in invoke("policies").output
+    assert ucb["registers"]["policies"] == ["ucb"] and ucb["distribution"] == "fastflow"
+    paper = next(r for r in rows if r["name"] == "fastflow.policies.ucb_paper")
+    assert paper["registers"]["policies"] == ["ucb-paper", "ucb-norm"]
+    assert "ucb" in invoke("plugins").output and "arms = '0,1,2,3,4,6,8'" in invoke("policies").output
 
 
 def test_the_installed_console_script(tmp_path):

@@ -132,7 +132,7 @@ def test_nan_velocity_fails_naming_the_step():
 
 
 def test_nan_failure_teaches_the_policy_nothing():
-    pol = fastflow.get_policy("ucb", mu=0.1)
+    pol = fastflow.get_policy("ucb-paper", mu=0.1)
 
     def model(x, t):
         return torch.full_like(x, math.nan)

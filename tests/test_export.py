@@ -121,11 +121,11 @@ def _sample_both(tiny, exported, make_policy, batches=2, guidance=None, steps=10
     return results["torch"], results["ort"]
 
 
-@pytest.mark.parametrize("policy", ["none", "fixed", "ucb"])
+@pytest.mark.parametrize("policy", ["none", "fixed", "ucb-paper"])
 def test_onnxruntime_matches_torch_under_each_policy(tiny, exported, policy):
-    if policy == "ucb":
+    if policy == "ucb-paper":
         def make():
-            return fastflow.get_policy("ucb", mu=1e-3)
+            return fastflow.get_policy("ucb-paper", mu=1e-3)
     elif policy == "fixed":
         def make():
             return fastflow.get_policy("fixed", skip=2)

@@ -98,7 +98,7 @@ def test_none_matches_the_engine(model, pipe):
     assert handle.last.nfe == STEPS and handle.last.denoiser_calls == STEPS and handle.last.complete
 
 
-@pytest.mark.parametrize("policy_args", [("fixed", {"skip": 2}), ("ucb", {"mu": 1e-3})], ids=["fixed", "ucb"])
+@pytest.mark.parametrize("policy_args", [("fixed", {"skip": 2}), ("ucb-paper", {"mu": 1e-3})], ids=["fixed", "ucb-paper"])
 def test_skip_policies_match_the_engine(model, pipe, policy_args):
     name, options = policy_args
     batches = _batches(3, 2)

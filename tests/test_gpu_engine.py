@@ -26,7 +26,7 @@ def count_syncs(fn):
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-@pytest.mark.parametrize("policy,options", [("none", {}), ("fixed", {"skip": 2}), ("ucb", {"mu": 1e-3}),
+@pytest.mark.parametrize("policy,options", [("none", {}), ("fixed", {"skip": 2}), ("ucb-paper", {"mu": 1e-3}),
                                             ("planned", {"nfe": 12})])
 def test_syncs_per_sample_do_not_grow_with_the_steps(policy, options):
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64)).cuda()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fastflow
 from fastflow.errors import OptionError, StateFileError
-from fastflow.policies.ucb import UCB1
+from fastflow.bandit import UCB1
 
 GMM = None
 
@@ -31,7 +31,7 @@ policy_strategy = st.one_of(
     st.builds(lambda s, w: ("fixed", {"skip": s, "warmup": w}), st.integers(0, 12), st.integers(2, 6)),
     st.builds(lambda th, m: ("threshold", {"threshold": th, "max_skip": m}),
               st.floats(0, 5), st.integers(0, 12)),
-    st.builds(lambda arms, mu: ("ucb", {"arms": arms, "mu": mu}),
+    st.builds(lambda arms, mu: ("ucb-paper", {"arms": arms, "mu": mu}),
               st.lists(st.integers(0, 15), min_size=1, max_size=4, unique=True), st.floats(0, 10)),
     st.builds(lambda n, m: ("planned", {"nfe": n, "max_skip": m}), st.integers(1, 40), st.integers(1, 10)),
     st.just(("none", {})),
@@ -67,7 +67,7 @@ def test_common_option_errors_name_the_option():
     with pytest.raises(OptionError, match="no option bogus.*skip="):
         fastflow.get_policy("fixed", bogus=1)
     with pytest.raises(OptionError, match="arms"):
-        fastflow.get_policy("ucb", arms="0,2,2")
+        fastflow.get_policy("ucb-paper", arms="0,2,2")
 
 
 def test_fixed_compute_list():
@@ -102,7 +102,7 @@ def test_ucb1_tries_every_arm_then_follows_the_bound():
 
 
 def test_ucb_calibrates_mu_from_a_first_full_generation():
-    pol = fastflow.get_policy("ucb")
+    pol = fastflow.get_policy("ucb-paper")
     first = run(pol, steps=30)
     assert first.nfe == 30 and pol.mu is not None and pol.mu > 0
     # μ = max_t MSE(v̂_t, v_t) / T, recomputed here independently from a full trace
@@ -121,7 +121,7 @@ def test_ucb_calibrates_mu_from_a_first_full_generation():
 
 
 def test_ucb_mu_scale_multiplies_the_calibrated_mu_and_is_kept_with_the_state(tmp_path):
-    paper, scaled = fastflow.get_policy("ucb"), fastflow.get_policy("ucb-norm", mu_scale=0.25, state=str(tmp_path / "s.json"))
+    paper, scaled = fastflow.get_policy("ucb-paper"), fastflow.get_policy("ucb-norm", mu_scale=0.25, state=str(tmp_path / "s.json"))
     run(paper, steps=30)
     run(scaled, steps=30)
     assert scaled.mu == pytest.approx(0.25 * paper.mu, rel=1e-12)
@@ -132,13 +132,13 @@ def test_ucb_mu_scale_multiplies_the_calibrated_mu_and_is_kept_with_the_state(tm
     run(again, steps=30, seed=1)  # loads the learned tables and μ: no calibration on these new seeds
     assert again.mu == scaled.mu and again.samples == 2
     with pytest.raises(OptionError, match="mu and mu_scale"):
-        fastflow.get_policy("ucb", mu=0.1, mu_scale=0.5)
+        fastflow.get_policy("ucb-paper", mu=0.1, mu_scale=0.5)
     with pytest.raises(OptionError, match="mu_scale"):
-        fastflow.get_policy("ucb", mu_scale=0)
+        fastflow.get_policy("ucb-paper", mu_scale=0)
 
 
 def test_ucb_rewards_are_credited_to_the_deciding_bandit():
-    pol = fastflow.get_policy("ucb", mu=0.5, arms="0,3")
+    pol = fastflow.get_policy("ucb-paper", mu=0.5, arms="0,3")
     out = run(pol, steps=12)
     decided = [s.k + 1 for s in out.trace if s.decision is not None]
     counts = [sum(b.counts) for b in pol.bandits]
@@ -153,7 +153,7 @@ def test_ucb_rewards_are_credited_to_the_deciding_bandit():
 
 
 def test_ucb_learning_carries_across_calls():
-    pol = fastflow.get_policy("ucb", mu=1.0)
+    pol = fastflow.get_policy("ucb-paper", mu=1.0)
     first = run(pol, steps=20)
     nfes = [run(pol, steps=20, seed=i).nfe for i in range(1, 8)]
     assert pol.samples == 8
@@ -161,7 +161,7 @@ def test_ucb_learning_carries_across_calls():
 
 
 def test_ucb_refuses_another_schedule():
-    pol = fastflow.get_policy("ucb", mu=1.0)
+    pol = fastflow.get_policy("ucb-paper", mu=1.0)
     run(pol, steps=20)
     with pytest.raises(OptionError, match="fresh policy"):
         run(pol, steps=25)
@@ -171,14 +171,14 @@ def test_ucb_refuses_another_schedule():
 
 def test_state_round_trip(tmp_path):
     path = tmp_path / "ucb.json"
-    pol = fastflow.get_policy("ucb", state=str(path))
+    pol = fastflow.get_policy("ucb-paper", state=str(path))
     for i in range(4):
         run(pol, steps=20, seed=i)
     pol.save()
     data = json.loads(path.read_text())
     assert data["format"] == "fastflow.policy-state" and data["version"] == 1
     assert data["key"]["steps"] == 20 and data["key"]["model"] == "gmm-test"
-    again = fastflow.get_policy("ucb", state=str(path))
+    again = fastflow.get_policy("ucb-paper", state=str(path))
     run_a = run(pol, steps=20, seed=10)
     run_b = run(again, steps=20, seed=10)
     assert run_a.nfe == run_b.nfe and [s.computed for s in run_a.trace] == [s.computed for s in run_b.trace]
@@ -189,42 +189,42 @@ def test_state_round_trip(tmp_path):
 @pytest.mark.parametrize("content,match", [
     ("{not json", "unreadable"),
     ('{"hello": 1}', "not a fastflow policy state file"),
-    ('{"format": "fastflow.policy-state", "version": 99, "policy": "ucb"}', "version 99"),
+    ('{"format": "fastflow.policy-state", "version": 99, "policy": "ucb-paper"}', "version 99"),
     ('{"format": "fastflow.policy-state", "version": 1, "policy": "egreedy"}', "belongs to policy 'egreedy'"),
 ])
 def test_bad_state_files_are_errors_and_left_untouched(tmp_path, content, match):
     path = tmp_path / "state.json"
     path.write_text(content)
     with pytest.raises(StateFileError, match=match) as err:
-        fastflow.get_policy("ucb", state=str(path))
+        fastflow.get_policy("ucb-paper", state=str(path))
     assert str(path) in str(err.value)
     assert path.read_text() == content
 
 
 def test_state_for_another_model_or_schedule_is_refused(tmp_path):
     path = tmp_path / "s.json"
-    pol = fastflow.get_policy("ucb", state=str(path))
+    pol = fastflow.get_policy("ucb-paper", state=str(path))
     run(pol, steps=20)
     pol.save()
     saved = path.read_text()
-    other = fastflow.get_policy("ucb", state=str(path))
+    other = fastflow.get_policy("ucb-paper", state=str(path))
     with pytest.raises(StateFileError, match="learned for"):
         run(other, steps=30)
     with pytest.raises(StateFileError, match="arms"):
-        fastflow.get_policy("ucb", state=str(path), arms="0,1")
+        fastflow.get_policy("ucb-paper", state=str(path), arms="0,1")
     assert path.read_text() == saved
 
 
 def test_damaged_bandit_tables_are_refused(tmp_path):
     path = tmp_path / "s.json"
-    pol = fastflow.get_policy("ucb", state=str(path))
+    pol = fastflow.get_policy("ucb-paper", state=str(path))
     run(pol, steps=10)
     pol.save()
     data = json.loads(path.read_text())
     data["bandits"] = data["bandits"][:3]
     path.write_text(json.dumps(data))
     with pytest.raises(StateFileError, match="damaged"):
-        run(fastflow.get_policy("ucb", state=str(path)), steps=10)
+        run(fastflow.get_policy("ucb-paper", state=str(path)), steps=10)
 
 
 # -- planned ------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_planned_state_round_trip(tmp_path):
 
 
 def test_ucb_norm_measures_rewards_in_units_of_mu():
-    raw, norm = fastflow.get_policy("ucb", mu=0.02), fastflow.get_policy("ucb-norm", mu=0.02)
+    raw, norm = fastflow.get_policy("ucb-paper", mu=0.02), fastflow.get_policy("ucb-norm", mu=0.02)
     for seed in range(3):  # every arm is still untried somewhere: both make the same choices
         a, b = run(raw, steps=16, seed=seed), run(norm, steps=16, seed=seed)
         assert [s.computed for s in a.trace] == [s.computed for s in b.trace]

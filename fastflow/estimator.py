@@ -1,0 +1,44 @@
+"""FastFlow's estimator and its error: the one copy every skip path uses.
+
+From the last two true velocities (v_p at t_p, v_c at t_c) the velocity at t is
+extrapolated to first order (a finite difference)::
+
+    v̂(t) = v_c + (t − t_c) · (v_c − v_p) / (t_c − t_p) = lerp(v_p, v_c, 1 + (t − t_c)/(t_c − t_p))
+
+Its error at a step where the model is consulted again is the mean squared difference
+to the true velocity, taken in float32 whatever the model's dtype, either over the whole
+batch (a 0-d tensor) or per sample (one value per row). Both stay on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def coefficient(t: float, t_prev: float, t_cur: float) -> float:
+    """The lerp weight c with v̂(t) = lerp(v_prev, v_cur, c)."""
+    return 1.0 + (t - t_cur) / (t_cur - t_prev)
+
+
+def extrapolate(v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float) -> Any:
+    """v̂(t), a new tensor."""
+    import torch
+
+    return torch.lerp(v_prev, v_cur, coefficient(t, t_prev, t_cur))
+
+
+def error(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float,
+          per_sample: bool = False) -> Any:
+    """MSE(v̂(t), v) in float32: 0-d, or shape (batch,) with ``per_sample``."""
+    import torch
+
+    c = (t - t_cur) / (t_cur - t_prev)
+    # v − v̂(t) = v − (1 + c)·v_cur + c·v_prev, without materialising v̂
+    d = torch.add(v, v_cur, alpha=-(1.0 + c)).add_(v_prev, alpha=c)
+    d = (d if d.dtype == torch.float32 else d.float()).square_()
+    return d.flatten(1).mean(1) if per_sample and d.dim() > 1 else d.mean()
+
+
+def history_error(v: Any, hist, t: float, per_sample: bool = False) -> Any:
+    """:func:`error` of the extrapolation from a :class:`fastflow.policy.History`."""
+    return error(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, per_sample)
