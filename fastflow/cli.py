@@ -121,7 +121,7 @@ DEFAULT_MODEL = "glyphs"
               help="Number of samples to generate (default: 64; with --edit: one per --label).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Samples per model call; the policy decides once per batch.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Seed of the noise.")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="Class label(s) to generate, repeatable (default: cycle through all).")
 @click.option("--guidance", default=None, type=float,
@@ -138,8 +138,8 @@ DEFAULT_MODEL = "glyphs"
               help="Also run the same seeds with every step computed and report the difference.")
 @click.option("--edit", "edit_path", default=None, type=click.Path(dir_okay=False),
               help="Edit this image (PNG/JPEG of the model's size) into --label (SDEdit).")
-@click.option("--strength", default=0.6, show_default=True, type=float,
-              help="With --edit: how far to noise the image, in (0, 1]; 1 ignores it entirely.")
+@click.option("--strength", default=None, type=float,
+              help="With --edit: how far to noise the image, in (0, 1] (default 0.6); 1 ignores it entirely.")
 @click.option("--prompt", default=None, help="Text prompt: runs --model as a diffusers pipeline "
               "(a local folder or a Hub id such as black-forest-labs/FLUX.1-dev).")
 @click.option("--negative-prompt", default=None, help="Pipelines: negative prompt.")
@@ -170,6 +170,17 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     """
     options = _parse_options(options)
     state_path = _state_option(options, state_path, no_state)
+    for flag, value in (("--guidance", guidance), ("--shift", shift)):
+        if value is not None and not math.isfinite(value):
+            raise UsageFailure(f"{flag} must be a finite number, got {value}")
+    if strength is not None and edit_path is None:
+        raise UsageFailure("--strength only applies with --edit IMAGE; add --edit or drop --strength")
+    strength = 0.6 if strength is None else strength
+    if prompt is None and not (model_name and _is_pipeline_ref(model_name)):
+        for flag, value in (("--height", height), ("--width", width), ("--num-frames", num_frames),
+                            ("--negative-prompt", negative_prompt), ("--image", image_path)):
+            if value is not None:
+                raise UsageFailure(f"{flag} applies to diffusers pipelines (with --prompt); drop it or add --prompt")
     try:
         if prompt is not None or (model_name and _is_pipeline_ref(model_name)):
             summary = _run_pipeline(model_name, prompt, policy, options, steps, seed, guidance,

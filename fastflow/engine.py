@@ -69,6 +69,8 @@ class SampleResult:
 
 
 def resolve_policy(policy: Any, **options) -> Policy:
+    if policy is None:
+        raise OptionError("policy must be a policy name (e.g. 'ucb', 'none') or a Policy object, got None")
     if isinstance(policy, str):
         from . import get_policy
 
@@ -183,6 +185,11 @@ def sample(
     """
     import torch
 
+    if not torch.is_tensor(noise) or noise.dim() < 1 or not noise.is_floating_point():
+        raise OptionError(f"noise must be a floating-point torch tensor of shape (batch, ...), got "
+                          f"{type(noise).__name__}" + (f" of shape {tuple(noise.shape)} and dtype {noise.dtype}"
+                                                      if torch.is_tensor(noise) else "")
+                          + "; e.g. torch.randn(16, *shape)")
     pol = resolve_policy(policy, **(policy_options or {}))
     be = resolve_backend(backend)
     fn = be.load(model, device=noise.device)
@@ -328,6 +335,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
         while k < T:
             t = ts[k]
             v = velocity(x, t_vecs[k])
+            if nfe == 0:
+                _check_velocity(v, x)
             nfe += 1
             sums.append(v.sum())
             computed_steps.append(k)
@@ -370,6 +379,19 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     finally:
         run.close(ok)
     return x, nfe, trace, getattr(run, "calibrating", False)
+
+
+def _check_velocity(v, x) -> None:
+    """Once per sample (shape and type are host metadata: no sync): a velocity that is
+    not a tensor of the sample's shape would broadcast into garbage."""
+    import torch
+
+    if not torch.is_tensor(v):
+        raise OptionError(f"the model returned {type(v).__name__}, not a torch tensor; it must return the "
+                          f"velocity, a tensor of the input's shape {tuple(x.shape)}")
+    if tuple(v.shape) != tuple(x.shape):
+        raise OptionError(f"the model returned a velocity of shape {tuple(v.shape)} for an input of shape "
+                          f"{tuple(x.shape)}; they must be equal (one velocity per sample and element)")
 
 
 def _check_finite(sums, computed_steps, x, ts) -> None:

@@ -104,6 +104,11 @@ def test_the_human_summary_says_what_calibration_cost_and_what_was_learned(tmp_p
     (["--state", "a.json", "--no-state"], "exclude each other"),
     (["--policy", "fixed", "--state", "a.json"], "keeps no learned state"),
     (["--policy", "ucb", "--option", "tolerance=inf"], "tolerance must be a finite number"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--shift", "inf"], "--shift must be a finite number"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--strength", "0.5"], "--strength only applies with --edit"),
+    (["--height", "64"], "--height applies to diffusers pipelines"),
 ])
 def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
     result = invoke("run", "--model", "gmm", "--steps", "10", "--samples", "2", "--out", str(tmp_path / "o"), *args)

@@ -245,3 +245,22 @@ def test_the_paper_rule_stays_available_as_ucb_paper_and_its_state_merges(tmp_pa
     data = json.loads(path.read_text())
     assert data["policy"] == "ucb-paper" and data["samples"] == 2
     assert sum(sum(r["counts"]) for r in data["bandits"]) == sum(learned) > 0
+
+
+@pytest.mark.parametrize("model,noise,needle", [
+    (lambda x, t: x[:1], torch.ones(2, 3), r"velocity of shape \(1, 3\) for an input of shape \(2, 3\)"),
+    (lambda x, t: torch.tensor(1.0), torch.ones(2, 3), r"velocity of shape \(\) for an input"),
+    (lambda x, t: None, torch.ones(2, 3), "returned NoneType, not a torch tensor"),
+    (lambda x, t: x.numpy(), torch.ones(2, 3), "returned ndarray, not a torch tensor"),
+    (lambda x, t: x, [[1.0, 2.0]], "noise must be a floating-point torch tensor"),
+    (lambda x, t: x, torch.tensor(1.0), "noise must be a floating-point torch tensor"),
+    (lambda x, t: x, torch.ones(2, 3, dtype=torch.long), "noise must be a floating-point torch tensor"),
+])
+def test_api_misuse_is_a_fastflow_error_naming_the_argument(model, noise, needle):
+    with pytest.raises(fastflow.FastFlowError, match=needle):
+        fastflow.sample(model, noise, steps=5, policy="none")
+
+
+def test_a_policy_of_none_is_named():
+    with pytest.raises(OptionError, match="policy must be a policy name"):
+        fastflow.sample(lambda x, t: x, torch.ones(1, 2), steps=3, policy=None)
