@@ -110,7 +110,7 @@ class UCBPolicy(BanditPolicy):
 
     Options:
         tolerance: the relative RMS error (against the model's velocity RMS) that one
-            skipped step may add to the sample (default 0.003). Smaller: closer to the full
+            skipped step may add to the sample (default 0.0025). Smaller: closer to the full
             output, fewer skips. Independent of the model's units.
         arms: skip counts the bandits choose among (default ``0,1,2,3,4,6,8``).
         gamma: UCB1 exploration constant, in skipped steps (default 0.5).
@@ -123,7 +123,7 @@ class UCBPolicy(BanditPolicy):
 
     name = "ucb"
 
-    def __init__(self, *, tolerance: float = 0.003, arms="0,1,2,3,4,6,8", gamma: float = 0.5,
+    def __init__(self, *, tolerance: float = 0.0025, arms="0,1,2,3,4,6,8", gamma: float = 0.5,
                  calibrate: int = 1, state=None, **common):
         self.tolerance = opt_float("tolerance", tolerance, lo=0.0, lo_open=True)
         self.calibrate = opt_int("calibrate", calibrate, lo=1)
