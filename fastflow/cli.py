@@ -545,7 +545,8 @@ def _print_summary(s: dict) -> None:
             rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x" if s["speedup_wall"] else "n/a"))
         rows.append(("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB (same seeds, every step computed)"))
         if s.get("max_abs_error") is not None:
-            rows.append(("max abs error", f"{s['max_abs_error']:.3g} (largest pixel difference; images span -1..1)"))
+            rows.append(("max abs error", f"{s['max_abs_error']:.3g}" + (
+                " (largest pixel difference; images span -1..1)" if s.get("grid") else " (largest element difference)")))
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
             f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")))
