@@ -159,7 +159,8 @@ def test_concurrent_processes_merge_under_the_lock(tmp_path):
     _learn(path, 0).save()
     base, base_samples = _counts(path)
     env = dict(os.environ, FASTFLOW_LOAD_PLUGINS="", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(s)], env=env, stdout=subprocess.PIPE,
+    # cwd: away from the source tree, so the installed fastflow is the one imported
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(s)], env=env, stdout=subprocess.PIPE, cwd=tmp_path,
                               text=True) for s in (1, 2, 3, 4)]
     held = []
     for p in procs:
