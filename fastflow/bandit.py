@@ -105,13 +105,17 @@ def _number(v, what: str) -> float:
 
 
 class BanditPolicy(Policy):
-    """One :class:`UCB1` per step index over skip counts (``arms``), with a state file
-    that is loaded once, and on :meth:`save` merged with what is on disk under a lock.
+    """One :class:`UCB1` per step index over skip counts (``arms``) — or, with
+    ``contexts`` G > 1, one per (step index, gap of the history pair: 1..G steps) — with
+    a state file that is loaded once, and on :meth:`save` merged with what is on disk
+    under a lock.
 
     Subclasses calibrate (``_calibrated`` says whether they have) and say what else the
     state holds (``_extra_state`` / ``_load_extra``) and which stored options must match
     (``_stored_options``).
     """
+
+    contexts = 1  # bandits per step index (by the gap of the history pair)
 
     def __init__(self, *, arms, gamma, state=None, **common):
         super().__init__(**common)
@@ -145,7 +149,7 @@ class BanditPolicy(Policy):
 
     def _bind(self, key: dict) -> None:
         self.key, self._steps = key, key["steps"]
-        self.bandits = [UCB1(len(self.arms), self.gamma) for _ in range(self._steps + 1)]
+        self.bandits = [UCB1(len(self.arms), self.gamma) for _ in range((self._steps + 1) * self.contexts)]
         data = self._loaded
         if data is not None:
             if data.get("key") != key:
@@ -215,6 +219,11 @@ class BanditPolicy(Policy):
             self._base, self._samples_base = snapshot(self.bandits), self.samples
 
     # -- what it learned ---------------------------------------------------------------------
+    def bandit(self, k: int, k_prev: int) -> UCB1:
+        """The bandit deciding at step k, after computed steps k_prev < k − 1."""
+        g = self.contexts
+        return self.bandits[k * g + min(k - 1 - k_prev, g) - 1] if g > 1 else self.bandits[k]
+
     def schedule(self) -> list[int]:
         """The skip count each bandit currently prefers (greedy, no exploration)."""
         return [self.arms[b.greedy()] for b in (self.bandits or [])]
@@ -223,13 +232,15 @@ class BanditPolicy(Policy):
         """The steps a sample computes when every consulted bandit takes its best arm."""
         if not self.bandits:
             return []
-        steps, room, prefer = self._steps, self.run_lengths(self._steps), self.schedule()
+        steps, room = self._steps, self.run_lengths(self._steps)
         computed, k = [], 0
         while k < steps:
             computed.append(k)
             k += 1
-            if k < steps and room[k] and len(computed) >= 2 and sum(self.bandits[k].counts):
-                k += min(prefer[k], room[k])
+            if k < steps and room[k] and len(computed) >= 2:
+                b = self.bandit(k, computed[-2])
+                if sum(b.counts):
+                    k += min(self.arms[b.greedy()], room[k])
         return computed
 
     def learned(self) -> str | None:

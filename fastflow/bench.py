@@ -220,6 +220,11 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
         except ImportError:
             pass
     if selected:
+        known = {m.name for m in methods} | {m.family for m in methods}
+        for name in sorted(selected - known):
+            from .errors import UnknownNameError
+
+            raise UnknownNameError("method", name, known)
         methods = [m for m in methods if m.name == f"euler-{s}" or m.name in selected or m.family in selected]
     return methods
 

@@ -111,8 +111,8 @@ DEFAULT_MODEL = "glyphs"
               help="Skip policy: ucb (the FastFlow bandit), fixed, threshold, none, or a plugin's.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Policy option, repeatable: e.g. --option arms=0,2,4 --option gamma=1.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1),
-              help="Steps of the Euler schedule.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1, max=10_000),
+              help="Steps of the Euler schedule (at most 10,000).")
 @click.option("--solver", default="euler", show_default=True, type=click.Choice(["euler", "unipc", "dpm++"]),
               help="Base ODE solver; unipc and dpm++ are diffusers' multistep schedulers in flow mode.")
 @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -173,6 +173,8 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     for flag, value in (("--guidance", guidance), ("--shift", shift)):
         if value is not None and not math.isfinite(value):
             raise UsageFailure(f"{flag} must be a finite number, got {value}")
+    if prompt is not None and not prompt.strip():
+        raise UsageFailure("--prompt is empty; give the text to generate from")
     if strength is not None and edit_path is None:
         raise UsageFailure("--strength only applies with --edit IMAGE; add --edit or drop --strength")
     strength = 0.6 if strength is None else strength
@@ -324,6 +326,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     if state_path is not None:
         check_writable(state_path)  # before any sampling: the run's learning must have somewhere to go
         options = {**options, "state": state_path}
+    out = _check_out(out_dir)  # and so must its outputs
     pol = fastflow.get_policy(policy_name, **options)
     backend = fastflow.get_backend(backend_name)
     label_list = _resolve_labels(spec, labels, samples)
@@ -403,8 +406,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "wall_seconds": wall["policy"],
         "ms_per_eval": 1000.0 * wall["policy"] / max(evals, 1),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out)
     _save_tensor(out / "samples.npy", x)
     ref = None
     if compare:
@@ -427,6 +429,44 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     return summary
 
 
+#: The files a run writes into --out; an earlier run's copies are removed first, so a
+#: reused folder never holds one run's samples beside another run's reference.
+RUN_OUTPUTS = ("samples.npy", "reference.npy", "summary.json", "grid.png", "before.png", "after.png",
+               "after_reference.png")
+
+
+def _check_out(out_dir) -> Path:
+    """Prove, before any sampling, that --out can be written: create it (and any missing
+    parents) and a file in it, then remove what the probe created."""
+    import tempfile
+
+    out = Path(out_dir)
+    missing = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fastflow-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageFailure(f"--out {out_dir} cannot be written ({exc.strerror or exc}); pass a writable folder") from None
+    finally:
+        for p in missing:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+    return out
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs (after sampling, so a failed run loses nothing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_OUTPUTS:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _read_image(path: str, spec):
     """An image file as a (1, C, H, W) tensor in [-1, 1]; exit 2 naming the file if it
     is missing, unreadable or not the model's size."""
@@ -435,8 +475,12 @@ def _read_image(path: str, spec):
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.float32)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep its depth
+                grey = np.asarray(im, dtype=np.float32)
+                peak = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
+                arr = np.repeat((grey / peak * 255.0)[..., None], 3, axis=2)
+            else:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32)
     except FileNotFoundError:
         raise UsageFailure(f"--edit image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as exc:

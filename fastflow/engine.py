@@ -265,6 +265,12 @@ def _model_key(model: Any) -> str:
     spec_key = getattr(model, "key", None)
     if isinstance(spec_key, str):
         return spec_key
+    code = getattr(getattr(model, "__func__", model), "__code__", None)
+    if code is not None:  # a function or lambda: its class says nothing, its definition does
+        import os
+
+        name = getattr(model, "__qualname__", getattr(model, "__name__", "function"))
+        return f"{getattr(model, '__module__', '')}.{name}@{os.path.basename(code.co_filename)}:{code.co_firstlineno}"
     cls = model if isinstance(model, type) else type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
 

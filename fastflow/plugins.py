@@ -92,7 +92,12 @@ class Plugins:
         self.info[name] = info
         try:
             module = importlib.import_module(modname)
-        except Exception as exc:  # a broken plugin must not take fastflow down
+        except Exception as exc:  # a broken third-party plugin must not take fastflow down
+            if builtin:  # but fastflow's own modules failing means a broken installation
+                from .errors import FastFlowError
+
+                raise FastFlowError(f"fastflow's own module {modname} failed to import ({type(exc).__name__}: "
+                                    f"{exc}); the installation is broken: reinstall fastflow") from exc
             info.error = f"{type(exc).__name__}: {exc}"
             self._warn(f"plugin '{name}' failed to load: {info.error}")
             return
@@ -190,10 +195,23 @@ class Plugins:
     def add_commands(self, cli) -> None:
         """Let plugins add click commands; record which plugin added which."""
         hook = self.pm.hook.register_commands
+        owner = getattr(cli, "_fastflow_owners", None)  # command → plugin, kept across calls
+        if owner is None:
+            owner = cli._fastflow_owners = {}
+        for name in cli.commands:
+            owner.setdefault(name, "fastflow")  # the CLI's own commands
         for impl in hook.get_hookimpls():
-            before = set(cli.commands)
+            before = dict(cli.commands)
             try:
                 impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
+                for name, cmd in before.items():  # a plugin may not replace another's command
+                    if cli.commands.get(name) is not cmd and owner.get(name) != impl.plugin_name:
+                        cli.commands[name] = cmd
+                        raise DuplicateNameError(
+                            f"command '{name}' is registered by two plugins: '{owner.get(name, '?')}' and "
+                            f"'{impl.plugin_name}'; the first one's is kept. Rename or uninstall one.")
+                for name in set(cli.commands) - set(before):
+                    owner[name] = impl.plugin_name
             except Exception as exc:
                 msg = f"{type(exc).__name__}: {exc}"
                 if impl.plugin_name in self.info:
@@ -201,16 +219,26 @@ class Plugins:
                 self._warn(f"plugin '{impl.plugin_name}' failed in register_commands: {msg}")
                 continue
             if impl.plugin_name in self.info:
-                self.info[impl.plugin_name].registers["commands"].extend(sorted(set(cli.commands) - before))
+                self.info[impl.plugin_name].registers["commands"].extend(sorted(set(cli.commands) - set(before)))
 
     def _availability(self, backend: str) -> str | bool:
         """True, or why the backend cannot run here."""
-        return _availability_of(self.registry("backends")[backend].obj)
+        entry = self._registries.get("backends", {}).get(backend)
+        return _availability_of(entry.obj) if entry is not None else "not registered (name conflict)"
 
     def describe(self) -> list[dict]:
-        """What ``fastflow plugins --json`` prints."""
+        """What ``fastflow plugins --json`` prints. A name two plugins register does not
+        stop the listing: the conflict is shown on both rows, so the user can fix it."""
+        conflicts = []
         for kind in KINDS:
-            self.registry(kind)
+            try:
+                self.registry(kind)
+            except DuplicateNameError as exc:
+                conflicts.append(str(exc))
+        for msg in conflicts:
+            for info in self.info.values():
+                if f"'{info.name}'" in msg:
+                    info.error = msg if not info.error else f"{info.error}; {msg}"
         out = []
         for info in self.info.values():
             hooks = []

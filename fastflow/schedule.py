@@ -6,7 +6,13 @@ predicts v = noise − data, so an Euler step is x ← x + (t_next − t)·v.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from .errors import OptionError
+
+#: More steps than any flow sampler needs; a larger count is a typo, refused before any work.
+MAX_STEPS = 10_000
 
 
 def timesteps(steps: int, shift: float | None = None) -> list[float]:
@@ -20,8 +26,19 @@ def timesteps(steps: int, shift: float | None = None) -> list[float]:
     >>> [round(t, 3) for t in timesteps(2, shift=3.0)]
     [1.0, 0.75, 0.0]
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise OptionError(f"steps must be a positive integer, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise OptionError(f"steps={steps} is above {MAX_STEPS}: flow samplers converge long before that "
+                          f"(50 is typical); pass fewer steps")
+    steps = int(steps)
+    if shift is not None:
+        try:
+            shift = float(shift)
+        except (TypeError, ValueError):
+            raise OptionError(f"shift must be a positive number, got {shift!r}") from None
+        if not math.isfinite(shift):
+            raise OptionError(f"shift must be a finite positive number, got {shift!r}")
     if shift is not None and not shift > 0:
         raise OptionError(f"shift must be a positive number, got {shift!r}")
     ts = [1.0 - k / steps for k in range(steps + 1)]

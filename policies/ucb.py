@@ -73,15 +73,16 @@ class _Bandits(PolicyRun):
 
     def __init__(self, policy: "UCBPolicy", room, ts):
         self.policy, self.room, self.ts = policy, room, ts
-        self.bandits, self.arms = policy.bandits, policy.arms
+        self.arms = policy.arms
         self.decisions: list[tuple[int, int, int]] = []  # (k, arm index, steps skipped)
         self.errors = []
 
     def decide(self, k, hist):
-        arm = self.bandits[k].choose()
+        bandit = self.policy.bandit(k, hist.k_prev)
+        arm = bandit.choose()
         skip = self.arms[arm]
         n = min(skip, self.room[k])
-        self.decisions.append((k, arm, n, run_weight(self.ts, hist.t_prev, hist.t_cur, k, n) if n else 0.0))
+        self.decisions.append((bandit, arm, n, run_weight(self.ts, hist.t_prev, hist.t_cur, k, n) if n else 0.0))
         return skip
 
     def observe(self, k, err):
@@ -96,12 +97,12 @@ class _Bandits(PolicyRun):
         flat = torch.cat(self.errors).double().tolist()  # the sample's one transfer
         price = self.policy._price
         i = 0
-        for (k, arm, skipped, w), n in zip(self.decisions, sizes):
+        for (bandit, arm, skipped, w), n in zip(self.decisions, sizes):
             errs = [e for e in flat[i:i + n] if math.isfinite(e)]
             i += n
             if errs:
                 reward = 0.0 if skipped == 0 else skipped - price * w * w * sum(errs) / len(errs)
-                self.bandits[k].update(arm, reward, len(errs))
+                bandit.update(arm, reward, len(errs))
         self.policy.samples += max(sizes)
 
 
@@ -135,6 +136,13 @@ class UCBPolicy(BanditPolicy):
         """Reward lost per unit of w²·MSE: 1 / (σ² · tolerance²)."""
         return 1.0 / (self.scale * self.tolerance ** 2)
 
+    @property
+    def contexts(self) -> int:
+        """A bandit per (step, gap of the history pair) for gaps 1 .. longest skip + 1:
+        after a skip the pair is wider and extrapolates worse, and the calibration can
+        price every gap."""
+        return max(self.arms) + 1
+
     def calibration_rows(self, ctx) -> int:
         if self.key is None:
             self._bind_key(ctx)
@@ -156,12 +164,15 @@ class UCBPolicy(BanditPolicy):
         for k in range(2, T):
             if not room[k]:
                 continue
-            for arm, a in enumerate(self.arms):
-                n = min(a, room[k])
-                if n:
-                    cells.append((k, arm, n, run_weight(ts, ts[k - 2], ts[k - 1], k, n)))
-                    errs.append(estimator.error(vs[k + n], vs[k - 2], vs[k - 1], ts[k - 2], ts[k - 1], ts[k + n],
-                                                per_sample=True).reshape(-1))
+            for g in range(1, min(self.contexts, k - 1) + 1):  # history pair (k−1−g, k−1)
+                p, c = k - 1 - g, k - 1
+                bandit = self.bandit(k, p)
+                for arm, a in enumerate(self.arms):
+                    n = min(a, room[k])
+                    if n:
+                        cells.append((bandit, arm, n, run_weight(ts, ts[p], ts[c], k, n)))
+                        errs.append(estimator.error(vs[k + n], vs[p], vs[c], ts[p], ts[c], ts[k + n],
+                                                    per_sample=True).reshape(-1))
         scale_t = torch.stack([v.float().square().mean() for v in vs]).mean()
         host = torch.cat([scale_t.reshape(1).double()] + [e.double() for e in errs]).tolist()  # one transfer
         scale = host[0]
@@ -170,15 +181,17 @@ class UCBPolicy(BanditPolicy):
         self.scale = scale
         rows = vs[0].shape[0] if vs[0].dim() else 1
         flat = host[1:]
-        for i, (k, arm, n, w) in enumerate(cells):
+        for i, (bandit, arm, n, w) in enumerate(cells):
             for e in flat[i * rows:(i + 1) * rows]:
                 if math.isfinite(e):
-                    self.bandits[k].update(arm, n - self._price * w * w * e)
+                    bandit.update(arm, n - self._price * w * w * e)
         for k in range(2, T):  # arm 0 (and arms the room clamps to 0) cost nothing
             if room[k]:
-                for arm, a in enumerate(self.arms):
-                    if min(a, room[k]) == 0:
-                        self.bandits[k].update(arm, 0.0, rows)
+                for g in range(1, min(self.contexts, k - 1) + 1):
+                    bandit = self.bandit(k, k - 1 - g)
+                    for arm, a in enumerate(self.arms):
+                        if min(a, room[k]) == 0:
+                            bandit.update(arm, 0.0, rows)
         self.samples += rows
 
     # -- state ------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
     (["--label", "9"], "unknown --label '9'"),
     (["--policy", "fixed", "--state", "s.json"], "policy 'fixed' keeps no learned state"),
     (["--guidance", "2"], None),
-    (["--steps", "0"], "0 is not in the range x>=1"),
+    (["--steps", "0"], "0 is not in the range 1<=x<=10000"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, no_entry_points, args, needle):
     result = invoke("run", "--model", "gmm", "--samples", "2", "--out", str(tmp_path), *args)
@@ -260,3 +260,49 @@ def test_edit_writes_before_and_after(tmp_path):
     assert s["nfe_full"] == 10 and s["nfe_mean"] < 5 + 1  # 5 steps of the tail, some skipped
     for name in ("before.png", "after.png", "after_reference.png", "grid.png"):
         assert (tmp_path / "o" / name).exists(), name
+
+
+def test_a_reused_out_folder_never_mixes_two_runs(tmp_path):
+    run_json(tmp_path, "--policy", "fixed")
+    assert (tmp_path / "o" / "reference.npy").exists()
+    run_json(tmp_path, "--policy", "fixed", "--no-compare")
+    assert not (tmp_path / "o" / "reference.npy").exists() and (tmp_path / "o" / "samples.npy").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_an_unwritable_out_is_refused_before_sampling(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "o" if where == "under_a_file" else "/proc/fastflow-out"
+    result = invoke("run", "--model", "gmm", "--steps", "10", "--samples", "2", "--out", str(out),
+                    "--state", str(tmp_path / "s.json"))
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
+    assert not (tmp_path / "s.json").exists()  # nothing ran, nothing learned was saved
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--steps", "20000"], "--steps"),
+])
+def test_more_usage_errors_exit_2(tmp_path, args, needle):
+    result = invoke("run", "--samples", "2", "--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 2 and needle in result.output, result.output
+
+
+def test_a_16_bit_png_keeps_its_depth(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import fastflow
+    from fastflow.cli import _read_image
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # really a 16-bit file
+    x = _read_image(str(path), fastflow.get_model("glyphs"))
+    assert x.shape == (1, 3, 32, 32) and abs(float(x.mean())) < 0.01  # mid-grey, not clipped to white
+
+
+def test_bench_refuses_an_unknown_method_with_a_suggestion(tmp_path):
+    result = invoke("bench", "--model", "gmm", "--methods", "eulr", "--samples", "8", "--out", str(tmp_path / "b"))
+    assert result.exit_code == 2 and "unknown method 'eulr'. Did you mean 'euler'" in result.output, result.output

@@ -177,3 +177,46 @@ def test_plugins_lists_backend_availability(no_entry_points):
     assert rows["fastflow.backends.torch_backend"]["available"] == {"torch": True}
     trt = rows["fastflow.backends.tensorrt_backend"]["available"]["tensorrt"]
     assert trt is True or isinstance(trt, str) and trt  # a reason when it cannot run here
+
+
+def test_a_plugin_command_may_not_replace_a_builtin_one(fake_eps, monkeypatch, capsys):
+    monkeypatch.delenv("FASTFLOW_LOAD_PLUGINS", raising=False)
+    mod = types.ModuleType("shadowcmd")
+
+    @fastflow.hookimpl
+    def register_commands(cli):
+        @cli.command(name="run")
+        def fake_run():
+            """Not fastflow's run."""
+
+    mod.register_commands = register_commands
+    fake_eps.append(FakeEP("shadowcmd", mod, dist="fastflow-shadow"))
+    import fastflow.cli as cli_mod
+
+    original = cli_mod.cli.commands["run"]
+    get_plugins().add_commands(cli_mod.cli)
+    assert cli_mod.cli.commands["run"] is original
+    err = capsys.readouterr().err
+    assert "command 'run' is registered by two plugins: 'fastflow' and 'shadowcmd'" in err
+    rows = {r["name"]: r for r in get_plugins().describe()}
+    assert "command 'run'" in rows["shadowcmd"]["error"]
+
+
+def test_a_name_conflict_is_listed_not_fatal_to_fastflow_plugins(fake_eps, monkeypatch):
+    monkeypatch.delenv("FASTFLOW_LOAD_PLUGINS", raising=False)
+    fake_eps.append(FakeEP("one", plugin_module("one", policy_name="same"), dist="d1"))
+    fake_eps.append(FakeEP("two", plugin_module("two", policy_name="same"), dist="d2"))
+    result = CliRunner().invoke(__import__("fastflow.cli").cli.cli, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    assert "registered by two plugins: 'one' and 'two'" in rows["one"]["error"]
+    assert "registered by two plugins: 'one' and 'two'" in rows["two"]["error"]
+
+
+def test_a_builtin_that_fails_to_import_is_an_error(monkeypatch):
+    from fastflow import plugins as plugins_mod
+    from fastflow.errors import FastFlowError
+
+    monkeypatch.setattr(plugins_mod, "BUILTIN_PLUGINS", plugins_mod.BUILTIN_PLUGINS + ("fastflow.policies.nope",))
+    with pytest.raises(FastFlowError, match="fastflow's own module fastflow.policies.nope failed to import"):
+        plugins_mod.Plugins(load_entry_points=False)

@@ -32,7 +32,7 @@ def test_straight_flow_rewards_are_exactly_the_steps_skipped_and_calibration_cos
                                                                      fastflow.schedule.timesteps(20)[1:]))
     torch.testing.assert_close(out.x, exact.expand(4, 2), rtol=0, atol=1e-5)
     arm8 = pol.arms.index(8)
-    b2 = pol.bandits[2]
+    b2 = pol.bandit(2, 0)  # the bandit of step 2 after computed steps 0, 1
     # prior: one pull per arm with reward = steps skipped; then 3 pulls (one per row) of arm 8
     assert b2.counts[arm8] == 4 and b2.sums[arm8] == pytest.approx(4 * 8.0, abs=1e-6)  # float32 rounding only
     assert b2.values[0] == 0.0 and b2.values[pol.arms.index(3)] == pytest.approx(3.0, abs=1e-9)
@@ -48,7 +48,7 @@ def test_costly_flow_teaches_short_skips():
     for seed in range(3):
         fastflow.sample(wiggle, torch.randn(8, 3, generator=torch.Generator().manual_seed(seed)), steps=30,
                         policy=pol, model_key="wiggle")
-    assert len(pol.greedy_path()) >= 27  # nearly every step computed
+    assert len(pol.greedy_path()) >= 20  # most steps computed (a flipped reward sign would give 4)
     straight = fastflow.get_policy("ucb")
     fastflow.sample(linear_velocity(torch.ones(3), torch.ones(3)), torch.zeros(8, 3), steps=30, policy=straight,
                     model_key="line")
@@ -78,10 +78,11 @@ def test_each_sample_is_a_pull():
     pol = fastflow.get_policy("ucb")
     noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
     out = fastflow.sample(gmm, noise, steps=30, policy=pol, label=torch.arange(16) % 8, model_key="g")
-    decided = [s.k + 1 for s in out.trace if s.decision is not None]
+    computed = [s.k for s in out.trace if s.computed]
+    decided = [(s.k + 1, computed[computed.index(s.k) - 1]) for s in out.trace if s.decision is not None]
     priors = len(pol.arms)  # one calibration pull per arm
-    for k in decided:
-        assert sum(pol.bandits[k].counts) == priors + 15  # the 15 accelerated rows each taught it
+    for k, k_prev in decided:
+        assert sum(pol.bandit(k, k_prev).counts) == priors + 15  # the 15 accelerated rows each taught it
     assert pol.samples == 16
 
 
@@ -265,3 +266,12 @@ def test_api_misuse_is_a_fastflow_error_naming_the_argument(model, noise, needle
 def test_a_policy_of_none_is_named():
     with pytest.raises(OptionError, match="policy must be a policy name"):
         fastflow.sample(lambda x, t: x, torch.ones(1, 2), steps=3, policy=None)
+
+
+def test_two_lambdas_are_two_models_to_a_learning_policy():
+    pol = fastflow.get_policy("ucb")
+    first = lambda x, t: x * 0 + 1.0  # noqa: E731
+    second = lambda x, t: x * 0 + 2.0  # noqa: E731
+    fastflow.sample(first, torch.zeros(2, 2), steps=6, policy=pol)
+    with pytest.raises(OptionError, match="learned on"):
+        fastflow.sample(second, torch.zeros(2, 2), steps=6, policy=pol)
