@@ -33,6 +33,8 @@ def get_policy(name: str, **options: Any):
     from .plugins import get_plugins
     from .policy import accepted_options
 
+    if not isinstance(name, str):
+        raise OptionError(f"policy name must be a string such as 'ucb' or 'none', got {name!r}")
     entry = get_plugins().get("policies", name)
     accepted = accepted_options(entry.obj)
     unknown = sorted(set(options) - set(accepted)) if accepted else []

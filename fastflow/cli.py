@@ -189,7 +189,7 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
                                     out_dir, state_path, compare, negative_prompt, height, width, num_frames,
                                     image_path, dtype, device, backend, export_dir)
             if as_json:
-                click.echo(json.dumps(summary))
+                click.echo(_json_text(summary))
             else:
                 _print_summary(summary)
             return
@@ -199,7 +199,7 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     except FastFlowError as exc:
         _fail(exc)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(_json_text(summary))
     else:
         _print_summary(summary)
 
@@ -425,7 +425,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         summary["state"] = str(state_path)
         summary["state_note"] = state_note
     summary["out"] = str(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.json").write_text(_json_text(summary, indent=1))
     return summary
 
 
@@ -538,6 +538,20 @@ def _finite_or_none(v: float):
     return v if math.isfinite(v) else None  # identical outputs: JSON has no inf
 
 
+def _json_text(obj, indent=None) -> str:
+    """Standard JSON: a non-finite number (which JSON cannot hold) becomes null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
 def _jsonable(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in d.items()}
 
@@ -566,7 +580,7 @@ def _print_summary(s: dict) -> None:
         nfe += f" (min {s['nfe_min']}, max {s['nfe_max']})"
     rows = [
         ("model", s.get("model")), ("policy", s.get("policy")), ("backend", s.get("backend", "torch")),
-        ("steps", s.get("steps")), ("samples", s.get("samples")),
+        ("steps", s.get("steps")), ("samples" if "samples" in s else "pipeline calls", s.get("samples", s.get("runs"))),
         ("NFE per sample", nfe),
         ("speed-up (NFE)", f"{s['speedup_nfe']:.2f}x"),
     ]

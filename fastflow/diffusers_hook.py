@@ -969,6 +969,7 @@ def run_pipeline(
         "wall_seconds": wall,
         "ms_per_eval": 1000.0 * wall / max(sum(nfes), 1),
         "calls": [r.as_dict(trace=True) for r in records],
+        "learned": pol.learned() if hasattr(pol, "learned") else None,
     }
     if compare:
         worst = min(psnrs)

@@ -453,13 +453,33 @@ def _stderr(msg: str) -> None:
 @contextmanager
 def _staging(out_dir: Path):
     """A temporary folder inside ``out_dir`` (same filesystem, so renames are atomic),
-    removed whatever happens."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fastflow-export-", dir=out_dir))
+    removed whatever happens; ``out_dir`` itself too when this export created it and
+    failed. A folder holding model files that fastflow did not write is refused, and
+    staging folders an interrupted export left are removed first."""
+    foreign = [n for n in ("model.onnx", "model.plan") if (out_dir / n).exists()]
+    if foreign and not (out_dir / METADATA_NAME).exists():
+        raise ExportError(f"{out_dir} already holds {foreign[0]}, which is not a fastflow export (no "
+                          f"{METADATA_NAME}); it was left untouched. Pass another --out or move it away.")
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob(".fastflow-export-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fastflow-export-", dir=out_dir))
+    except OSError as exc:
+        raise ExportError(f"--out {out_dir} cannot be written ({exc.strerror or exc}); pass a writable folder") from None
+    ok = False
     try:
         yield tmp
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            for p in created:  # deepest first; only folders this export made, and only if empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
 
 def _publish(tmp: Path, out_dir: Path, meta: dict) -> Path:

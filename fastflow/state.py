@@ -22,6 +22,10 @@ VERSION = 1
 
 def read_state(path: str | os.PathLike, policy: str) -> dict | None:
     """The state stored at ``path`` for ``policy``, or ``None`` if no file is there."""
+    if not isinstance(path, (str, os.PathLike)):
+        from .errors import OptionError
+
+        raise OptionError(f"option state must be a file path, got {path!r}")
     path = Path(path)
     if not path.exists():
         return None

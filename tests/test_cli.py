@@ -306,3 +306,11 @@ def test_a_16_bit_png_keeps_its_depth(tmp_path):
 def test_bench_refuses_an_unknown_method_with_a_suggestion(tmp_path):
     result = invoke("bench", "--model", "gmm", "--methods", "eulr", "--samples", "8", "--out", str(tmp_path / "b"))
     assert result.exit_code == 2 and "unknown method 'eulr'. Did you mean 'euler'" in result.output, result.output
+
+
+def test_run_prompt_prints_its_summary_as_a_table(tmp_path):
+    # the glyph model as a diffusers pipeline: --prompt "A" draws the glyph A
+    result = invoke("run", "--prompt", "A", "--steps", "6", "--policy", "fixed", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "NFE per sample" in result.output and "PSNR vs all steps" in result.output
+    assert "pipeline calls" in result.output and "None" not in result.output

@@ -92,7 +92,36 @@ def test_a_graph_that_disagrees_with_torch_is_not_written(tmp_path):
     with pytest.raises(ExportVerificationError, match="max abs error"):
         export_onnx(Noisy(), out, {"x": torch.randn(2, 4), "t": torch.rand(2)})
     assert not (out / "model.onnx").exists() and not (out / METADATA_NAME).exists()
-    assert _no_leftovers(out) == []
+    assert not out.exists()  # the folder this failed export made is gone too
+
+
+def test_export_refuses_a_folder_with_a_foreign_model_and_cleans_old_staging(tmp_path):
+    class Plain(torch.nn.Module):
+        def forward(self, x, t):
+            return x * 2.0
+
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"not ours")
+    with pytest.raises(FastFlowError, match="not a fastflow export"):
+        export_onnx(Plain(), out, {"x": torch.randn(2, 4), "t": torch.rand(2)})
+    assert (out / "model.onnx").read_bytes() == b"not ours"
+    again = tmp_path / "again"
+    (again / ".fastflow-export-killed").mkdir(parents=True)  # what a kill mid-export leaves
+    (again / ".fastflow-export-killed" / "model.onnx").write_bytes(b"x" * 100)
+    export_onnx(Plain(), again, {"x": torch.randn(2, 4), "t": torch.rand(2)})
+    assert (again / "model.onnx").exists() and not list(again.glob(".fastflow-export-*"))
+
+
+def test_export_to_an_unwritable_place_exits_2(tmp_path):
+    from click.testing import CliRunner
+
+    from fastflow.cli import cli
+
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(cli, ["export", "--backend", "onnx", "--model", "gmm", "--out",
+                                      str(tmp_path / "afile" / "exp")])
+    assert result.exit_code == 2 and "cannot be written" in result.output, result.output
 
 
 def test_export_needs_example_inputs_with_a_batch(tmp_path):

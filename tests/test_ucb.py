@@ -275,3 +275,52 @@ def test_two_lambdas_are_two_models_to_a_learning_policy():
     fastflow.sample(first, torch.zeros(2, 2), steps=6, policy=pol)
     with pytest.raises(OptionError, match="learned on"):
         fastflow.sample(second, torch.zeros(2, 2), steps=6, policy=pol)
+
+
+@pytest.mark.parametrize("label,needle", [
+    (torch.tensor([1, 2, 3]), "label has 3 entries for a batch of 2"),
+    (torch.tensor([0, 99]), "label holds 0..99; this model's labels are 0..35"),
+])
+def test_glyph_labels_are_checked(label, needle):
+    model = fastflow.get_model("glyphs").build()
+    with pytest.raises(fastflow.FastFlowError, match=needle):
+        fastflow.sample(model, torch.randn(2, 3, 32, 32), steps=3, policy="none", label=label)
+
+
+def test_numpy_scalars_are_values_not_errors():
+    np = pytest.importorskip("numpy")
+    out = fastflow.sample(lambda x, t: x * 0 + 1.0, torch.zeros(1, 2), steps=np.int64(10),
+                          policy=fastflow.get_policy("fixed", skip=np.int64(2), window_end=np.float32(0.5)))
+    assert out.steps == 10 and torch.allclose(out.x, torch.full((1, 2), -1.0))
+
+
+def test_non_string_names_and_paths_are_named():
+    with pytest.raises(OptionError, match="policy name must be a string"):
+        fastflow.get_policy(None)
+    with pytest.raises(OptionError, match="state must be a file path"):
+        fastflow.get_policy("planned", state=123)
+
+
+@pytest.mark.parametrize("value", ['"x"', "null"])
+def test_a_stored_mu_scale_of_the_wrong_type_is_a_clear_error(tmp_path, value):
+    path = tmp_path / "p.json"
+    pol = fastflow.get_policy("ucb-paper", state=str(path))
+    fastflow.sample(fastflow.get_model("gmm").build(), torch.randn(2, 2), steps=8, policy=pol, model_key="gmm",
+                    label=torch.tensor([0, 1]))
+    pol.save()
+    text = path.read_text().replace('"mu_scale": 1.0', f'"mu_scale": {value}')
+    path.write_text(text)
+    with pytest.raises(StateFileError, match="mu_scale"):
+        fastflow.get_policy("ucb-paper", state=str(path))
+    assert path.read_text() == text
+
+
+def test_a_state_path_under_a_file_is_refused_before_sampling(tmp_path):
+    from click.testing import CliRunner
+    from fastflow.cli import cli
+
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(cli, ["run", "--model", "gmm", "--steps", "10", "--samples", "2",
+                                      "--state", str(tmp_path / "afile" / "s.json"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "cannot create state file" in result.output, result.output
+    assert not (tmp_path / "o").exists()

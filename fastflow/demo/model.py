@@ -231,7 +231,10 @@ class GlyphFlow(nn.Module):
         t = t.reshape(b).to(dtype)
         if label is None:
             label = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
-        label = torch.as_tensor(label, device=x.device).long().reshape(b)
+        label = torch.as_tensor(label)
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            _check_labels(label, b, self.null_label)  # eager calls only: a traced graph has no room for it
+        label = label.to(x.device).long().reshape(b)
         ehs, pooled = self.label_embed(label)
         tokens = self.patchify(x.to(dtype))
         if self.pos_features.shape[1]:
@@ -354,3 +357,15 @@ def load_glyph_flow(directory: str | os.PathLike | None = None, device: str | to
     model = model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return model
+
+
+def _check_labels(label, batch: int, null_label: int) -> None:
+    """One label per sample, each a class or the null label; read on the host only
+    (a label tensor on a GPU is not synchronised to check its range)."""
+    from fastflow.errors import OptionError
+
+    if label.numel() != batch:
+        raise OptionError(f"label has {label.numel()} entries for a batch of {batch}; give one label per sample")
+    if label.device.type == "cpu" and batch and not (0 <= int(label.min()) and int(label.max()) <= null_label):
+        raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
+                          f"0..{null_label - 1} ({null_label} is the unconditional label)")
