@@ -379,6 +379,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     nfe_mean = sum(nfe_per_sample) / len(nfe_per_sample)
     evals = calls["policy"]
     cal = calibration["policy"]
+    steps_run = max(1, round(steps * strength)) if edit is not None else steps  # an edit runs the schedule's tail
     after = nfe_per_sample[cal:]
     summary = {
         "policy": policy_name,
@@ -396,13 +397,13 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "nfe_per_sample": nfe_per_sample,
         "nfe_min": min(nfe_per_sample),
         "nfe_max": max(nfe_per_sample),
-        "nfe_full": steps,
+        "nfe_full": steps_run,
         "model_calls": evals,
         "calibration_samples": cal,
         "calibration_nfe": sum(nfe_per_sample[:cal]),
         "nfe_mean_after_calibration": sum(after) / len(after) if after else None,
         "learned": pol.learned() if hasattr(pol, "learned") else None,
-        "speedup_nfe": steps / nfe_mean,
+        "speedup_nfe": steps_run / nfe_mean,
         "wall_seconds": wall["policy"],
         "ms_per_eval": 1000.0 * wall["policy"] / max(evals, 1),
     }

@@ -71,7 +71,6 @@ def test_aggressive_settings_skip_work(model, batch, method, setting):
     assert out.x.shape == batch[0].shape and torch.isfinite(out.x).all()
     assert out.calls == STEPS
     assert 0 < out.nfe < STEPS
-    assert out.wall_seconds > 0
 
 
 def _model_state(model):

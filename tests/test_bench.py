@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from fastflow.cli import cli
 
+pytestmark = pytest.mark.slow  # exports, wheels, subprocesses: seconds each
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
@@ -47,6 +48,14 @@ def test_nfe_figures_are_exact(quick):
     # ucb calibrates on the first sample of the first batch of 4 and accelerates the other 3
     first = result["curves"]["ucb-cold"]["nfe"][0]
     assert first < 20 and (4 * first - 20) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
+
+
+def test_wall_columns_are_the_reference_time_over_each_rows_time(quick):
+    result, _ = quick
+    ref = result["rows"][0]
+    assert ref["speedup_wall"] == 1.0
+    for r in result["rows"]:
+        assert r["speedup_wall"] == pytest.approx(ref["wall_seconds"] / r["wall_seconds"], rel=1e-12), r["method"]
 
 
 def test_bandit_warm_up_in_small_batches_gives_one_pull_per_batch():

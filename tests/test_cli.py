@@ -126,14 +126,10 @@ def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
     (["--policy", "ucb", "--option", "gamma=fast"], "option gamma must be a number"),
     (["--label", "9"], "unknown --label '9'"),
     (["--policy", "fixed", "--state", "s.json"], "policy 'fixed' keeps no learned state"),
-    (["--guidance", "2"], None),
     (["--steps", "0"], "0 is not in the range 1<=x<=10000"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, no_entry_points, args, needle):
     result = invoke("run", "--model", "gmm", "--samples", "2", "--out", str(tmp_path), *args)
-    if needle is None:  # gmm has a null label: guidance is allowed
-        assert result.exit_code == 0, result.output
-        return
     assert result.exit_code == 2, result.output
     assert needle in result.output
 
@@ -157,6 +153,7 @@ def test_plugins_command(tmp_path):
     assert "ucb" in invoke("plugins").output and "arms = '0,1,2,3,4,6,8'" in invoke("policies").output
 
 
+@pytest.mark.slow
 def test_the_installed_console_script(tmp_path):
     """The `fastflow` executable, as a user types it, in a fresh process."""
     env = dict(os.environ, FASTFLOW_LOAD_PLUGINS="")
@@ -193,6 +190,7 @@ def test_demo_train_command_runs_a_tiny_training(tmp_path):
     assert (tmp_path / "m" / "glyph_flow.json").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_denoiser_exported_and_swapped_in_from_the_cli(tmp_path):
     """fastflow export --prompt, then run --export: ONNX Runtime inside the diffusers loop."""
     pytest.importorskip("onnxruntime")
@@ -257,9 +255,14 @@ def test_edit_writes_before_and_after(tmp_path):
                     "--policy", "fixed", "--json", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert s["nfe_full"] == 10 and s["nfe_mean"] < 5 + 1  # 5 steps of the tail, some skipped
+    # strength 0.5 of 10 steps runs the last 5; fixed skip=2 computes 0, 1, skips 2-3, computes 4
+    assert s["nfe_full"] == 5 and s["nfe_mean"] == 3 and s["speedup_nfe"] == pytest.approx(5 / 3)
     for name in ("before.png", "after.png", "after_reference.png", "grid.png"):
         assert (tmp_path / "o" / name).exists(), name
+    plain = invoke("run", "--edit", str(img), "--label", "B", "--strength", "0.5", "--steps", "10",
+                   "--policy", "none", "--json", "--out", str(tmp_path / "o2"))
+    s = json.loads(plain.stdout)
+    assert s["nfe_mean"] == 5 and s["speedup_nfe"] == 1.0  # every step it ran was computed: no speed-up
 
 
 def test_a_reused_out_folder_never_mixes_two_runs(tmp_path):
@@ -314,3 +317,29 @@ def test_run_prompt_prints_its_summary_as_a_table(tmp_path):
     assert result.exit_code == 0, result.output
     assert "NFE per sample" in result.output and "PSNR vs all steps" in result.output
     assert "pipeline calls" in result.output and "None" not in result.output
+
+
+def test_guidance_is_applied_as_given(tmp_path):
+    # gmm has a null label, so guidance is allowed; the scale reaches the samples
+    plain = run_json(tmp_path, "--policy", "none", "--guidance", "1", "--no-compare")
+    guided = run_json(tmp_path, "--policy", "none", "--guidance", "3", "--no-compare")
+    assert plain["guidance"] == 1.0 and guided["guidance"] == 3.0
+    import numpy as np
+
+    a = np.load(tmp_path / "o" / "samples.npy")
+    run_json(tmp_path, "--policy", "none", "--guidance", "1", "--no-compare")
+    b = np.load(tmp_path / "o" / "samples.npy")
+    assert not np.allclose(a, b)  # guidance 3 moved the samples away from guidance 1's
+
+
+def test_the_default_run_as_make_run_does_it(tmp_path):
+    """`fastflow run --policy ucb` on the embedded glyph model: the table, class accuracy, grid.png."""
+    from PIL import Image
+
+    result = invoke("run", "--policy", "ucb", "--samples", "4", "--steps", "8", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].split() == ["model", "glyphs"]
+    assert "class accuracy" in result.output and "(all steps:" in result.output
+    assert "calibration" in result.output and "PSNR vs all steps" in result.output
+    with Image.open(tmp_path / "o" / "grid.png") as im:
+        assert im.size[0] >= 4 * 32 and im.size[1] >= 2 * 32  # accelerated and reference rows of 4 glyphs

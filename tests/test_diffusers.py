@@ -426,6 +426,7 @@ def test_multistep_schedulers_in_flow_mode(kind):
     assert torch.equal(_run(pipe, "wan"), ref)
 
 
+@pytest.mark.slow
 def test_inference_mode_and_torch_compile():
     """Regional compilation of the blocks, and the whole denoiser compiled: the skip
     decision runs eagerly outside the graphs, and no step recompiles."""
@@ -624,3 +625,74 @@ def test_planned_calibrates_under_the_hook_as_in_the_engine():
     for _ in range(3):
         pipe(noise, _uniform(10), cond=cond)
     assert [c.nfe for c in handle.calls] == [10, 5, 5]
+
+
+def test_the_hook_teaches_the_bandit_what_the_engine_teaches_it():
+    """Same model, same seeds, four calls: the learned tables agree, not only the traces
+    (calibrating on the whole first batch in both, so both see the same pulls)."""
+    noise, cond, _ = _toy_inputs()
+    pipe = ToyPipe()
+    engine_pol = fastflow.get_policy("ucb", calibrate=3, tolerance=0.05)
+    for _ in range(4):
+        _engine(pipe, noise, 10, engine_pol, cond)
+    hook_pol = fastflow.get_policy("ucb", calibrate=3, tolerance=0.05)
+    handle = fastflow.enable(pipe, hook_pol)
+    for _ in range(4):
+        pipe(noise, _uniform(10), cond=cond)
+    assert [c.nfe for c in handle.calls][0] == 10 and handle.calls[-1].nfe < 10
+    assert hook_pol.scale == pytest.approx(engine_pol.scale, rel=1e-6)
+    for a, b in zip(hook_pol.bandits, engine_pol.bandits):
+        assert a.counts == b.counts
+        assert a.sums == pytest.approx(b.sums, rel=1e-4, abs=1e-6)
+    assert sum(sum(b.counts) for b in hook_pol.bandits) > 3 * len(hook_pol.arms) * 5  # many decisions, not forced
+
+
+def test_a_branch_first_seen_inside_a_skipped_step_is_computed():
+    """Guidance that starts at step 5, in a step the policy skips: the unconditional branch
+    has no history there, so the hook computes it (a fallback call) while the conditional
+    branch is extrapolated; the result is exactly that, computed by hand."""
+    from fastflow import estimator
+
+    class LateGuidance(ToyPipe):
+        def __call__(self, x, sigmas, *, cond, uncond, guidance):
+            s = self.scheduler
+            s.set_timesteps(sigmas=list(sigmas))
+            s.set_begin_index(0)
+            for i, t in enumerate(s.timesteps):
+                tt = (t / 1000).expand(x.shape[0])
+                with _context(self.transformer, "cond"):
+                    v = self.transformer(x, tt, cond=cond)[0]
+                if i >= 5:
+                    with _context(self.transformer, "uncond"):
+                        vu = self.transformer(x, tt, cond=uncond)[0]
+                    v = vu + guidance * (v - vu)
+                x = s.step(v, t, x, return_dict=False)[0]
+            self.transformer._diffusers_hook.reset_stateful_hooks() if hasattr(self.transformer, "_diffusers_hook") else None
+            return x
+
+    noise, cond, uncond = _toy_inputs()
+    pipe = LateGuidance()
+    handle = fastflow.enable(pipe, "fixed", compute="0,1,2,3,4,6,7,8,9")  # only step 5 is skipped
+    got = pipe(noise, _uniform(10), cond=cond, uncond=uncond, guidance=2.0)
+    rec = handle.last
+    assert rec.fallback_calls == 1 and rec.nfe == 9 and rec.denoiser_calls == 9 + 4 + 1
+    fastflow.disable(pipe)
+    # by hand: the same loop, with the conditional output of step 5 extrapolated from steps 3, 4
+    s = pipe.scheduler
+    s.set_timesteps(sigmas=_uniform(10))
+    s.set_begin_index(0)
+    sig = [float(v) for v in s.sigmas]
+    x, hist = noise.clone(), []
+    for i, t in enumerate(s.timesteps):
+        tt = (t / 1000).expand(x.shape[0])
+        v = pipe.transformer(x, tt, cond=cond)[0]
+        if i == 5:
+            (tp, vp), (tc, vc) = hist[-2], hist[-1]
+            v = estimator.extrapolate(vp, vc, tp, tc, sig[5])
+        else:
+            hist.append((sig[i], v))
+        if i >= 5:
+            vu = pipe.transformer(x, tt, cond=uncond)[0]
+            v = vu + 2.0 * (v - vu)
+        x = s.step(v, t, x, return_dict=False)[0]
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)

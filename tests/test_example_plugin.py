@@ -40,6 +40,7 @@ def test_listed_by_fastflow_plugins():
     assert row["registers"]["policies"] == ["egreedy"] and "error" not in row
 
 
+@pytest.mark.slow
 def test_runs_end_to_end(tmp_path):
     proc = fastflow_cmd("run", "--model", "gmm", "--policy", "egreedy", "--option", "epsilon=0.2",
                         "--samples", "32", "--batch-size", "4", "--steps", "30", "--json", "--out", str(tmp_path))

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+
+pytestmark = pytest.mark.slow  # exports, wheels, subprocesses: seconds each
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
@@ -390,3 +393,78 @@ def test_the_python_example_in_docs_backends_runs(tmp_path, monkeypatch):
     exec(compile(code, "docs/backends.md", "exec"), scope)
     assert scope["out"].x.shape == (4, 3, 32, 32) and scope["out"].backend == "onnxruntime"
     assert (tmp_path / "exports" / "tiny-onnx" / METADATA_NAME).exists()
+
+
+# -- the pure-Python checks behind the TensorRT backend, on the CPU (no TensorRT needed) -----
+
+def _fake_engine_dir(tmp_path, **meta_changes):
+    """An engine export as build_trt_engine writes it, with a stand-in plan file."""
+    from fastflow.export import FORMAT, FORMAT_VERSION
+
+    d = tmp_path / "engine"
+    d.mkdir(exist_ok=True)
+    plan = b"\x00fake serialized engine" * 100
+    (d / "model.plan").write_bytes(plan)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": "trt", "file": "model.plan",
+            "file_size": len(plan), "model": "glyphs", "tensorrt_version": "10.9.0",
+            "gpu": {"name": "NVIDIA H200", "compute_capability": "9.0"}, "precision": "fp16",
+            "inputs": [{"name": "x", "shape": ["batch", 3, 32, 32], "dtype": "float32"},
+                       {"name": "t", "shape": ["batch"], "dtype": "float32"}],
+            "outputs": [{"name": "v", "shape": ["batch", 3, 32, 32], "dtype": "float32"}], **meta_changes}
+    (d / METADATA_NAME).write_text(json.dumps(meta))
+    return d
+
+
+def test_engine_metadata_checks_run_on_the_cpu(tmp_path):
+    from fastflow.export import StaleEngineError, check_engine, read_export
+
+    exp = read_export(_fake_engine_dir(tmp_path))
+    gpu = {"name": "NVIDIA H200", "compute_capability": "9.0"}
+    assert exp.runtime_backend == "tensorrt"
+    check_engine(exp, "10.9.0", gpu)  # the machine it was built on: accepted
+    with pytest.raises(StaleEngineError, match=r"built with TensorRT 10\.9\.0, this is TensorRT 11\.0.*Rebuild it"):
+        check_engine(exp, "11.0", gpu)
+    with pytest.raises(StaleEngineError, match="built for NVIDIA H200 .* this GPU is NVIDIA H100"):
+        check_engine(exp, "10.9.0", {"name": "NVIDIA H100", "compute_capability": "9.0"})
+
+
+def test_a_truncated_plan_is_refused_on_the_cpu(tmp_path):
+    from fastflow.export import ArtifactError, read_export
+
+    d = _fake_engine_dir(tmp_path)
+    data = (d / "model.plan").read_bytes()
+    (d / "model.plan").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"model\.plan is truncated"):
+        read_export(d)
+
+
+def test_an_engine_whose_onnx_source_changed_is_stale(tmp_path):
+    from fastflow.export import StaleEngineError, check_engine, read_export
+
+    src = tmp_path / "onnx-src"
+    src.mkdir()
+    (src / METADATA_NAME).write_text(json.dumps({"source_sha256": "new-weights"}))
+    exp = read_export(_fake_engine_dir(tmp_path, onnx_source=str(src), source_sha256="old-weights"))
+    with pytest.raises(StaleEngineError, match="built from other weights than the ONNX export"):
+        check_engine(exp, "10.9.0", {"name": "NVIDIA H200", "compute_capability": "9.0"})
+
+
+def test_the_onnx_source_check_refuses_other_weights(exported, tiny):
+    from fastflow.export import ArtifactError, check_source
+
+    check_source(exported, tiny)
+    other = type(tiny)(tiny.config)
+    with pytest.raises(ArtifactError, match="made from other weights than the given model"):
+        check_source(exported, other)
+
+
+def test_run_samples_from_an_export_directory_as_a_user_types_it(exported, tmp_path):
+    from click.testing import CliRunner
+
+    from fastflow.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", "--model", str(exported.dir), "--policy", "fixed", "--steps", "6",
+                                      "--samples", "2", "--label", "A", "--json", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["backend"] == "onnxruntime" and s["model"] == str(exported.dir) and s["nfe_mean"] == 4

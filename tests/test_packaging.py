@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = pytest.mark.slow  # exports, wheels, subprocesses: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

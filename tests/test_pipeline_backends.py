@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+
+pytestmark = pytest.mark.slow  # exports, wheels, subprocesses: seconds each
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")

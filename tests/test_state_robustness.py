@@ -93,6 +93,7 @@ for i in range(1000):  # learn and save, again and again, until killed
 """
 
 
+@pytest.mark.slow
 def test_a_writer_killed_at_random_moments_never_leaves_a_broken_file(tmp_path):
     path = tmp_path / "s.json"
     env = dict(os.environ, FASTFLOW_LOAD_PLUGINS="", OMP_NUM_THREADS="1")

@@ -155,6 +155,7 @@ pol.save()
 """
 
 
+@pytest.mark.slow
 def test_concurrent_processes_merge_under_the_lock(tmp_path):
     path = tmp_path / "s.json"
     _learn(path, 0).save()
