@@ -32,4 +32,4 @@ test-installed:
 	FASTFLOW_EXPECT_INSTALLED=1 .venv-installed/bin/pytest
 
 clean:
-	rm -rf $(VENV) .venv-installed build *.egg-info fastflow-out
+	rm -rf $(VENV) .venv-installed build *.egg-info fastflow-out bench-out

@@ -90,6 +90,31 @@ def _state_option(options: dict, state_path, no_state: bool):
     return state_path
 
 
+class RegistryOption(click.Option):
+    """An option whose help lists what the plugin registry holds (policies, backends,
+    models), read when help is shown, so plugins' additions appear and startup stays light."""
+
+    def __init__(self, *args, registry: str, **kwargs):
+        self.registry_kind = registry
+        super().__init__(*args, **kwargs)
+
+    def get_help_record(self, ctx):
+        from .plugins import get_plugins
+
+        base = self.help or ""
+        try:
+            entries = get_plugins().registry(self.registry_kind)
+            listing = "; ".join(f"{name}" + (f" ({e.description})" if e.description else "")
+                                for name, e in sorted(entries.items()))
+        except Exception:  # help must never fail
+            listing = "see `fastflow plugins`"
+        self.help = f"{base} Choices: {listing}."
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = base
+
+
 def _policy_names() -> str:
     from .plugins import get_plugins
 
@@ -103,12 +128,13 @@ DEFAULT_MODEL = "glyphs"
 
 
 @cli.command()
-@click.option("--model", "model_name", default=None, metavar="NAME",
-              help=f"Model to sample from: a registered name (default: {DEFAULT_MODEL}). "
-                   "`fastflow plugins` lists them.")
-@click.option("--backend", default="torch", show_default=True, help="Velocity backend.")
-@click.option("--policy", default="ucb", show_default=True,
-              help="Skip policy: ucb (the FastFlow bandit), fixed, threshold, none, or a plugin's.")
+@click.option("--model", "model_name", default=None, metavar="NAME", cls=RegistryOption, registry="models",
+              help=f"Model to sample from (default: {DEFAULT_MODEL}); also an export folder or a diffusers "
+                   "pipeline with --prompt.")
+@click.option("--backend", default="torch", show_default=True, cls=RegistryOption, registry="backends",
+              help="Velocity backend.")
+@click.option("--policy", default="ucb", show_default=True, cls=RegistryOption, registry="policies",
+              help="Skip policy; `fastflow policies` lists their options.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Policy option, repeatable: e.g. --option arms=0,2,4 --option gamma=1.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1, max=10_000),
@@ -118,7 +144,8 @@ DEFAULT_MODEL = "glyphs"
 @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
               help="FLUX/SD3 schedule shift (default: the model's, else uniform).")
 @click.option("--samples", default=None, type=click.IntRange(min=1),
-              help="Number of samples to generate (default: 64; with --edit: one per --label).")
+              help="Number of samples to generate (default: one per class, 36 for the glyphs, else 64; "
+                   "with --edit: one per --label).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="Samples per model call; the policy decides once per batch.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Seed of the noise.")
@@ -160,13 +187,16 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
 
     \b
     Examples:
-      fastflow run --policy ucb                       # the FastFlow bandit
-      fastflow run --policy ucb --state ucb.json      # keep learning across runs
+      fastflow run --policy ucb                       # the FastFlow bandit; learning kept in the cache
+      fastflow run --policy ucb --option tolerance=0.0015   # closer to all steps, fewer skips
+      fastflow run --policy ucb --state ucb.json      # learning kept in a file of your own
       fastflow run --policy fixed --option skip=2 --steps 30
       fastflow run --policy threshold --option threshold=0.05 --json
 
-    With --compare (the default) the same seeds are also run with policy `none`, and
-    the summary gives the PSNR and max abs error between the two outputs.
+    With --compare (the default) the same seeds are also run with every step computed
+    (cached in $XDG_CACHE_HOME/fastflow: it is deterministic), and the summary gives the
+    PSNR and max abs error between the two outputs. grid.png shows every sample above
+    its all-steps twin. Progress goes to stderr, so --json output stays clean.
     """
     options = _parse_options(options)
     state_path = _state_option(options, state_path, no_state)
@@ -318,7 +348,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
             raise UsageFailure(f"--strength must be in (0, 1], got {strength}")
         edit = _read_image(edit_path, spec)
         samples = samples or len(labels)
-    samples = samples or 64
+    samples = samples or (spec.num_labels or 64)  # one per class by default
     shift = spec.default_shift if shift is None else shift
     model_key = export.key if export is not None else spec.key
     state_path, state_note = _choose_state(policy_name, options, state_path, no_state, model_key,
@@ -343,7 +373,11 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)
     batches = [(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
-    jobs = [("policy", pol)] + ([("reference", "none")] if compare else [])
+    ref_path = _reference_path(model_key, schedule_key(solver, steps, shift, strength if edit is not None else None),
+                               seed, samples, batch_size, label_list, guidance, backend_name,
+                               None if edit is None else edit)
+    cached_ref = _load_reference(ref_path, (samples, *spec.shape)) if compare else None
+    jobs = [("policy", pol)] + ([("reference", "none")] if compare and cached_ref is None else [])
 
     outputs = {name: [] for name, _ in jobs}
     nfe = {name: [] for name, _ in jobs}
@@ -351,10 +385,18 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     calibration = {name: 0 for name, _ in jobs}  # samples that computed every step to calibrate
     calls = {name: 0 for name, _ in jobs}
     show = sys.stderr.isatty() and not quiet
+    say = (lambda msg: click.echo(f"fastflow: {msg}", err=True)) if not (show or quiet) else (lambda msg: None)
+    say(f"sampling {samples} samples in {len(batches)} batch(es) of up to {batch_size}, {steps} steps, policy "
+        f"{policy_name}" + ("" if not compare else ", beside the all-steps reference" if cached_ref is None
+                            else "; the all-steps reference comes from the cache"))
     _warm_up(model, noise[:batch_size], spec, label_list, backend)
+    started = time.perf_counter()
     with click.progressbar(length=len(batches) * len(jobs), label=f"sampling ({policy_name})",
                            file=sys.stderr if show else _Null(), show_pos=True) as bar:
-        for lo, hi in batches:  # policy and reference interleaved: both see the same machine load
+        for b, (lo, hi) in enumerate(batches, 1):  # policy and reference interleaved: the same machine load
+            if b > 1:
+                spent = time.perf_counter() - started
+                say(f"batch {b - 1}/{len(batches)} done in {spent:.0f} s; about {spent / (b - 1) * (len(batches) - b + 1):.0f} s left")
             for name, p in jobs:
                 cond = {}
                 if label_list is not None:
@@ -411,17 +453,28 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     _save_tensor(out / "samples.npy", x)
     ref = None
     if compare:
-        ref = torch.cat(outputs["reference"])
+        if cached_ref is None:
+            ref = torch.cat(outputs["reference"])
+            _store_reference(ref_path, ref)
+        else:
+            ref = cached_ref
         _save_tensor(out / "reference.npy", ref)
         data_range = 2.0 if spec.is_image else None
         summary.update({
             "psnr_db": _finite_or_none(psnr(x, ref, data_range)),
             "max_abs_error": max_abs_error(x, ref),
-            "reference_wall_seconds": wall["reference"],
-            "speedup_wall": wall["reference"] / wall["policy"] if wall["policy"] > 0 else None,
+            "reference_cached": cached_ref is not None,
         })
+        if cached_ref is None:  # timed here, interleaved batch by batch with the policy
+            speedup = wall["reference"] / wall["policy"] if wall["policy"] > 0 else None
+            summary.update({"reference_wall_seconds": wall["reference"], "speedup_wall": speedup})
+            if speedup is not None and speedup > 1.1 * summary["speedup_nfe"]:
+                summary["speedup_wall_note"] = ("noisy: above the NFE speed-up, which bounds it; the machine's load "
+                                                "changed during the run")
+        else:
+            summary["speedup_wall_note"] = "not measured: the all-steps reference came from the cache"
     if spec.is_image:
-        summary.update(_image_outputs(spec, x, ref if compare else None, label_list, out, edit))
+        summary.update(_image_outputs(spec, x, ref if compare else None, label_list, out, edit, summary))
     if state_path is not None:
         summary["state"] = str(state_path)
         summary["state_note"] = state_note
@@ -468,6 +521,48 @@ def _clear_outputs(out: Path) -> None:
             pass
 
 
+def _reference_path(*ident) -> Path:
+    """Where the all-steps output of these exact inputs is cached (it is deterministic)."""
+    import hashlib
+
+    from . import __version__
+
+    h = hashlib.sha256(__version__.encode())
+    for part in ident:
+        if hasattr(part, "numpy"):
+            h.update(part.detach().cpu().numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return user_cache_dir() / "reference" / f"{h.hexdigest()[:24]}.npy"
+
+
+def _load_reference(path: Path, shape):
+    import numpy as np
+    import torch
+
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError):
+        return None  # absent or damaged: computed again (and rewritten)
+    return torch.from_numpy(arr) if tuple(arr.shape) == tuple(shape) else None
+
+
+def _store_reference(path: Path, x) -> None:
+    import os
+    import tempfile
+
+    import numpy as np
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ref-", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, x.detach().cpu().numpy())
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs time next run
+
+
 def _read_image(path: str, spec):
     """An image file as a (1, C, H, W) tensor in [-1, 1]; exit 2 naming the file if it
     is missing, unreadable or not the model's size."""
@@ -495,31 +590,42 @@ def _read_image(path: str, spec):
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
 
 
-def _image_outputs(spec, x, ref, label_list, out: Path, edit) -> dict:
-    """PNG grid (accelerated rows above reference rows) and the evaluator's metrics."""
+#: Fewer samples than this make a Fréchet distance noise, not a measurement.
+FID_MIN_SAMPLES = 200
+
+
+def _image_outputs(spec, x, ref, label_list, out: Path, edit, summary: dict) -> dict:
+    """grid.png (every sample, accelerated above all-steps, titled and labelled) and the
+    evaluator's metrics."""
     import torch
 
     from .demo.metrics import save_image_grid
+    from .demo.sheet import comparison_sheet
 
-    cols = min(12, x.shape[0])
-    shown = x[:cols * 3]
-    if ref is not None:
-        rows = []
-        for lo in range(0, shown.shape[0], cols):
-            rows += [x[lo:lo + cols], ref[lo:lo + cols]]
-        shown = torch.cat(rows)
-    save_image_grid(shown, str(out / "grid.png"), nrow=cols)
+    names = spec.label_names or []
+    captions = [names[i] if i < len(names) else str(i) for i in label_list] if label_list is not None else None
+    nfe, full = summary["nfe_mean"], summary["nfe_full"]
+    title = (f"{spec.name}: policy {summary['policy']}, {nfe:.1f} of {full} evaluations per sample "
+             f"({summary['speedup_nfe']:.2f}x fewer)")
+    if summary.get("psnr_db") is not None:
+        title += f", {summary['psnr_db']:.1f} dB vs all steps"
+    comparison_sheet(str(out / "grid.png"), x, ref, title=title, captions=captions,
+                     row_labels=(f"fastflow {summary['policy']}, {nfe:.1f} NFE", f"all {full} steps"))
     result = {"grid": str(out / "grid.png")}
     if edit is not None:
         save_image_grid(edit, str(out / "before.png"), nrow=1)
-        save_image_grid(x, str(out / "after.png"), nrow=cols)
+        save_image_grid(x, str(out / "after.png"), nrow=min(12, x.shape[0]))
         if ref is not None:
-            save_image_grid(ref, str(out / "after_reference.png"), nrow=cols)
+            save_image_grid(ref, str(out / "after_reference.png"), nrow=min(12, x.shape[0]))
     if spec.evaluate is not None and label_list is not None:
         labels = torch.tensor(label_list)
         metrics = spec.evaluate(x, labels)
         result["class_accuracy"] = metrics.get("class_accuracy")
-        result["fid_feature"] = metrics.get("fid_feature")
+        if x.shape[0] >= FID_MIN_SAMPLES:
+            result["fid_feature"] = metrics.get("fid_feature")
+        else:
+            result["fid_feature"] = None
+            result["fid_note"] = f"not shown: a feature FID needs at least {FID_MIN_SAMPLES} samples"
         if ref is not None:
             result["class_accuracy_reference"] = spec.evaluate(ref, labels).get("class_accuracy")
     return result
@@ -600,17 +706,22 @@ def _print_summary(s: dict) -> None:
         p = s["psnr_db"]
         if s.get("reference_wall_seconds") is not None:
             rows.append(("reference wall time", f"{s['reference_wall_seconds']:.2f} s"))
-        if "speedup_wall" in s:
-            rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x" if s["speedup_wall"] else "n/a"))
+        if s.get("speedup_wall_note", "").startswith("noisy"):
+            rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x — {s['speedup_wall_note']}"))
+        elif s.get("speedup_wall") is not None:
+            rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x (policy and reference timed batch by batch)"))
+        elif s.get("speedup_wall_note"):
+            rows.append(("speed-up (wall)", s["speedup_wall_note"]))
         rows.append(("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB (same seeds, every step computed)"))
         if s.get("max_abs_error") is not None:
             rows.append(("max abs error", f"{s['max_abs_error']:.3g}" + (
                 " (largest pixel difference; images span -1..1)" if s.get("grid") else " (largest element difference)")))
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
-            f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")))
+            f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")
+            + " (the shipped classifier agrees with the requested glyph)"))
         if s.get("fid_feature") is not None:
-            rows.append(("feature FID", f"{s['fid_feature']:.3f}"))
+            rows.append(("feature FID", f"{s['fid_feature']:.3f} (to 1024 real glyphs; lower is better)"))
     if s.get("state"):
         rows.append(("state", s["state"] + (" (learning kept here; --no-state to start fresh)"
                                             if s.get("state_note") == "cache" else "")))

@@ -338,8 +338,16 @@ def test_the_default_run_as_make_run_does_it(tmp_path):
 
     result = invoke("run", "--policy", "ucb", "--samples", "4", "--steps", "8", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0].split() == ["model", "glyphs"]
-    assert "class accuracy" in result.output and "(all steps:" in result.output
-    assert "calibration" in result.output and "PSNR vs all steps" in result.output
+    table = result.stdout
+    assert table.splitlines()[0].split() == ["model", "glyphs"]
+    assert "class accuracy" in table and "(all steps:" in table
+    assert "calibration" in table and "PSNR vs all steps" in table and "feature FID" not in table  # 4 samples
+    # not a terminal: a line per stage on stderr
+    assert "fastflow: sampling 4 samples in 1 batch(es)" in result.stderr
+    again = invoke("run", "--policy", "ucb", "--samples", "4", "--steps", "8", "--out", str(tmp_path / "o2"))
+    assert "reference comes from the cache" in again.stderr and "not measured" in again.stdout
+    import numpy as np
+
+    assert np.array_equal(np.load(tmp_path / "o" / "reference.npy"), np.load(tmp_path / "o2" / "reference.npy"))
     with Image.open(tmp_path / "o" / "grid.png") as im:
         assert im.size[0] >= 4 * 32 and im.size[1] >= 2 * 32  # accelerated and reference rows of 4 glyphs
