@@ -765,8 +765,16 @@ def policies():
 
     for name, entry in sorted(get_plugins().registry("policies").items()):
         click.echo(f"{name}: {entry.description} [{entry.plugin}]")
+        try:  # the values a default-built policy really uses (a None in a signature may mean 50)
+            real = entry.obj().options()
+        except Exception:
+            real = {}
         for opt, default in accepted_options(entry.obj).items():
-            click.echo(f"    {opt} = {default!r}")
+            value = real.get(opt, default)
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            note = " (calibrated from the first sample)" if value is None and opt == "mu" else ""
+            click.echo(f"    {opt} = {value!r}{note}")
 
 
 def main(argv=None):

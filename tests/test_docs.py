@@ -43,3 +43,18 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "ucb-state.json").exists()
     assert "torch.Size([16, 2])" in capsys.readouterr().out
+
+
+def test_the_api_page_runs_in_order(capsys):
+    blocks = python_blocks("api.md")
+    assert len(blocks) >= 4
+    namespace = {}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/api.md[{i}]", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "18 torch.Size([16, 2])" in out and "greedy schedule computes" in out and "shape (1, 3)" in out
+
+
+def test_every_doc_the_readme_names_exists():
+    for name in re.findall(r"\(docs/([a-z-]+\.md)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / "docs" / name).is_file(), name
