@@ -374,7 +374,7 @@ def test_cli_export_onnx_then_load(tmp_path):
 def test_cli_export_errors_exit_2(tmp_path, args, pattern):
     if "trt" in args and _has_trt_gpu():
         pytest.skip("this machine can build TensorRT engines")
-    proc = _fastflow("export", *args, "--out", str(tmp_path / "out"))
+    proc = _fastflow("export", *args, "--out", str(tmp_path / "out"), cwd=tmp_path)  # the installed fastflow
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     import re
 
