@@ -164,7 +164,7 @@ def cache_method(method: str, setting: dict, label: str) -> Method:
                   warm="calibrated on separate seeds" if method == "magcache" else "")
 
 
-#: arm sets of the faithful ``ucb`` measured beside its default 0-4 (tag, arms)
+#: arm sets of ``ucb`` measured beside its default (tag, arms)
 UCB_ARM_SETS = (("fork", "0,2,4,6"),)
 #: μ scales of ``ucb-norm`` measured (50 = its default, 1 = the paper's calibration)
 UCB_NORM_MU_SCALES = (50.0, 1.0, 0.3)
@@ -185,12 +185,15 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     for th in ((0.05, 0.1, 0.2, 0.4) if not quick else (0.1,)):
         methods.append(policy_method(f"threshold-{th}", "threshold", f"threshold={th}",
                                      lambda th=th: fastflow.get_policy("threshold", threshold=th), warm=False))
-    methods.append(policy_method("ucb-cold", "ucb", "defaults (arms 0-4)", lambda: fastflow.get_policy("ucb"), warm=False))
+    methods.append(policy_method("ucb-cold", "ucb", "defaults (tolerance 0.0025)", lambda: fastflow.get_policy("ucb"),
+                                 warm=False))
     # warm bandits learn on the separate seeds in batches of 2: one decision per batch, so the
     # same warm-up samples give every per-step bandit batch_size/2 times more pulls
     bandit_warm = dict(warm=True, warm_batches=2 if quick else 8, warm_batch_size=2)
-    methods.append(policy_method("ucb-warm", "ucb", "defaults (arms 0-4)", lambda: fastflow.get_policy("ucb"),
+    methods.append(policy_method("ucb-warm", "ucb", "defaults (tolerance 0.0025)", lambda: fastflow.get_policy("ucb"),
                                  **bandit_warm))
+    methods.append(policy_method("ucb-paper-warm", "ucb-paper", "the paper's rule (arms 0-4, mu_scale 1)",
+                                 lambda: fastflow.get_policy("ucb-paper"), **bandit_warm))
     # the paper leaves the arm set open: the same bandit with the public fork's arms 0,2,4,6
     for tag, arms in UCB_ARM_SETS:
         methods.append(policy_method(f"ucb-warm-{tag}", "ucb", f"arms={arms}",
@@ -384,7 +387,7 @@ def _write_csv(path: Path, table: list[dict]) -> None:
 
 
 #: families drawn solid in the Pareto plot (the peers are dashed)
-FASTFLOW_FAMILIES = {"fixed", "threshold", "ucb", "ucb-norm", "planned", "unipc+planned"}
+FASTFLOW_FAMILIES = {"fixed", "threshold", "ucb", "ucb-paper", "ucb-norm", "planned", "unipc+planned"}
 
 
 def _plots(result: dict, out_dir: Path) -> None:

@@ -475,6 +475,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
             summary["speedup_wall_note"] = "not measured: the all-steps reference came from the cache"
     if spec.is_image:
         summary.update(_image_outputs(spec, x, ref if compare else None, label_list, out, edit, summary))
+    summary.update(_metrics(spec, x, ref if compare else None, label_list))
     if state_path is not None:
         summary["state"] = str(state_path)
         summary["state_note"] = state_note
@@ -617,17 +618,27 @@ def _image_outputs(spec, x, ref, label_list, out: Path, edit, summary: dict) -> 
         save_image_grid(x, str(out / "after.png"), nrow=min(12, x.shape[0]))
         if ref is not None:
             save_image_grid(ref, str(out / "after_reference.png"), nrow=min(12, x.shape[0]))
-    if spec.evaluate is not None and label_list is not None:
-        labels = torch.tensor(label_list)
-        metrics = spec.evaluate(x, labels)
-        result["class_accuracy"] = metrics.get("class_accuracy")
+    return result
+
+
+def _metrics(spec, x, ref, label_list) -> dict:
+    """The model's own evaluator (class accuracy; a feature FID only where the sample
+    count makes it a measurement), on the samples and on the all-steps reference."""
+    import torch
+
+    if spec.evaluate is None or label_list is None:
+        return {}
+    labels = torch.tensor(label_list)
+    metrics = spec.evaluate(x, labels)
+    result = {"class_accuracy": metrics.get("class_accuracy")}
+    if "fid_feature" in metrics:
         if x.shape[0] >= FID_MIN_SAMPLES:
-            result["fid_feature"] = metrics.get("fid_feature")
+            result["fid_feature"] = metrics["fid_feature"]
         else:
             result["fid_feature"] = None
             result["fid_note"] = f"not shown: a feature FID needs at least {FID_MIN_SAMPLES} samples"
-        if ref is not None:
-            result["class_accuracy_reference"] = spec.evaluate(ref, labels).get("class_accuracy")
+    if ref is not None:
+        result["class_accuracy_reference"] = spec.evaluate(ref, labels).get("class_accuracy")
     return result
 
 
@@ -719,7 +730,7 @@ def _print_summary(s: dict) -> None:
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
             f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")
-            + " (the shipped classifier agrees with the requested glyph)"))
+            + " (the model's evaluator agrees with the requested class)"))
         if s.get("fid_feature") is not None:
             rows.append(("feature FID", f"{s['fid_feature']:.3f} (to 1024 real glyphs; lower is better)"))
     if s.get("state"):

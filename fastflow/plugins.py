@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = (
     "fastflow.backends.tensorrt_backend",
     "fastflow.models.analytic",
     "fastflow.models.glyphs",
+    "fastflow.models.clips",
     "fastflow.bench",
     "fastflow.export",
 )

@@ -195,6 +195,14 @@ class UCBPolicy(BanditPolicy):
         self.samples += rows
 
     # -- state ------------------------------------------------------------------------------
+    def _check_stored(self, data, path):
+        if "mu" in data and "scale" not in data:
+            from fastflow.errors import StateFileError
+
+            raise StateFileError(f"state file {path} was learned by the paper's rule, which is now "
+                                 f"'ucb-paper' (use --policy ucb-paper with it), or pass another --state path")
+        super()._check_stored(data, path)
+
     def _stored_options(self):
         return {"arms": self.arms, "tolerance": self.tolerance, "window_start": self.window_start,
                 "window_end": self.window_end, "warmup": self.warmup}

@@ -63,13 +63,18 @@ def main():
     spec = fastflow.get_model(a.model)
     model = spec.build()
     ref, _, labs, ref_wall = generate(model, spec, "none", a.samples, a.seed, a.batch, a.steps)
-    data_range = 2.0 if spec.is_image else None
+    data_range = 2.0 if spec.is_image or len(spec.shape) == 4 else None  # images and clips span -1..1
 
     def report(name, x, nfes, wall, extra=None):
         row = {"model": a.model, "method": name, "nfe": sum(nfes) / len(nfes),
                "psnr_db": round(psnr(x, ref, data_range), 2), "wall_s": round(wall, 2)}
         if spec.evaluate is not None and labs:
             row["acc"] = spec.evaluate(x, torch.tensor(labs)).get("class_accuracy")
+        if x.dim() == 5:  # video (N, C, F, H, W): the worst frame's PSNR and the frame-to-frame change
+            frames = [psnr(x[:, :, f], ref[:, :, f], 2.0) for f in range(x.shape[2])]
+            row["psnr_worst_frame_db"] = round(min(frames), 2)
+            row["frame_change"] = round((x[:, :, 1:] - x[:, :, :-1]).abs().mean().item(), 4)
+            row["frame_change_all_steps"] = round((ref[:, :, 1:] - ref[:, :, :-1]).abs().mean().item(), 4)
         row.update(extra or {})
         print(json.dumps(row), flush=True)
 

@@ -325,3 +325,16 @@ def test_a_state_path_under_a_file_is_refused_before_sampling(tmp_path):
                                       "--state", str(tmp_path / "afile" / "s.json"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "cannot create state file" in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_state_file_of_the_papers_rule_points_to_ucb_paper(tmp_path):
+    path = tmp_path / "old.json"
+    pol = fastflow.get_policy("ucb-paper", state=str(path))
+    fastflow.sample(fastflow.get_model("gmm").build(), torch.randn(2, 2), steps=8, policy=pol, model_key="gmm",
+                    label=torch.tensor([0, 1]))
+    pol.save()
+    data = json.loads(path.read_text())
+    data["policy"] = "ucb"  # as the paper's rule wrote it when it was called ucb
+    path.write_text(json.dumps(data))
+    with pytest.raises(StateFileError, match="now 'ucb-paper'"):
+        fastflow.get_policy("ucb", state=str(path))
