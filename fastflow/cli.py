@@ -459,7 +459,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         else:
             ref = cached_ref
         _save_tensor(out / "reference.npy", ref)
-        data_range = 2.0 if spec.is_image else None
+        data_range = spec.data_range
         summary.update({
             "psnr_db": _finite_or_none(psnr(x, ref, data_range)),
             "max_abs_error": max_abs_error(x, ref),

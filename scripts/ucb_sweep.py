@@ -63,7 +63,7 @@ def main():
     spec = fastflow.get_model(a.model)
     model = spec.build()
     ref, _, labs, ref_wall = generate(model, spec, "none", a.samples, a.seed, a.batch, a.steps)
-    data_range = 2.0 if spec.is_image or len(spec.shape) == 4 else None  # images and clips span -1..1
+    data_range = spec.data_range
 
     def report(name, x, nfes, wall, extra=None):
         row = {"model": a.model, "method": name, "nfe": sum(nfes) / len(nfes),

@@ -21,6 +21,8 @@ class ModelSpec:
         key: identity for policy state files (change it when the weights change).
         label_names: printable name of each label.
         is_image: samples are images in [-1, 1] (PNG outputs, PSNR with range 2).
+        data_range: the range samples span, PSNR's peak (default 2 for images; None:
+            the reference's own range).
         evaluate: optional ``(samples, labels) -> dict`` of quality metrics (e.g.
             ``class_accuracy``, ``fid_feature``) from an independent evaluator.
     """
@@ -37,10 +39,13 @@ class ModelSpec:
     label_names: list[str] = field(default_factory=list)
     is_image: bool = False
     evaluate: Callable[[Any, Any], dict] | None = None
+    data_range: float | None = None
 
     def __post_init__(self):
         if not self.key:
             self.key = self.name
+        if self.data_range is None and self.is_image:
+            self.data_range = 2.0
 
 
 def resolve_model(name: str) -> ModelSpec:

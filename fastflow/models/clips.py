@@ -33,7 +33,7 @@ def clips_spec() -> ModelSpec:
     return ModelSpec(
         name="clips", build=build, shape=(3, 8, 16, 16), num_labels=8, null_label=8, default_guidance=3.0,
         description="class-conditional 3-D conv net on 8-frame 16x16 clips of a moving disc (embedded, video)",
-        key=key, label_names=DIRECTIONS, evaluate=evaluate,
+        key=key, label_names=DIRECTIONS, evaluate=evaluate, data_range=2.0,
     )
 
 
