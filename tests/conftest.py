@@ -31,6 +31,24 @@ def one_torch_thread():
 
 
 @pytest.fixture
+def host_reads(monkeypatch):
+    """Counts tensor reads on the host (item, tolist, bool, float, int): on a GPU each is a
+    device→host sync, so the CPU count stands in for the syncs a loop would make."""
+    import torch
+
+    counter = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            counter["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return counter
+
+
+@pytest.fixture
 def no_entry_points(monkeypatch):
     """Only the built-in plugins: installed third-party plugins are blocked."""
     monkeypatch.setenv("FASTFLOW_LOAD_PLUGINS", "")
