@@ -414,14 +414,24 @@ def _plots(result: dict, out_dir: Path) -> None:
     markers = "os^vD<>pPX*h"
     tab20 = plt.get_cmap("tab20").colors  # 10 hues, dark then light: every family its own colour
     colours = tab20[0::2] + tab20[1::2]
+    cap = 80.0  # identical outputs (PSNR 100 in the table) are drawn at the top, marked
     for i, fam in enumerate(families):
         rows = sorted((r for r in result["rows"] if r["family"] == fam), key=lambda r: r["nfe"])
+        # a line joins only settings of one budget sweep (same warm-up), never cold and warm
+        # runs, and not the full-step reference with its cheaper variants
+        swept = [r for r in rows if r["nfe"] < result["steps"] and not r["method"].endswith(("-cold", "-warm"))]
         ours = fam in FASTFLOW_FAMILIES  # fastflow's policies solid, the peers dashed
         for ax, key in zip(axes, ("psnr_full_db", "psnr_ode_db")):
-            ys = [min(r[key], 80.0) for r in rows]
-            ax.plot([r["nfe"] for r in rows], ys, marker=markers[i % len(markers)], label=fam,
-                    color=colours[i % len(colours)],
-                    linestyle=("-" if ours else "--") if len(rows) > 1 else "none")
+            colour, marker = colours[i % len(colours)], markers[i % len(markers)]
+            ax.plot([r["nfe"] for r in rows], [min(r[key], cap) for r in rows], marker=marker, label=fam,
+                    color=colour, linestyle="none")
+            if len(swept) > 1:
+                ax.plot([r["nfe"] for r in swept], [min(r[key], cap) for r in swept], color=colour,
+                        linestyle="-" if ours else "--")
+            for r in rows:
+                if r[key] >= cap:
+                    ax.annotate("identical to all steps", (r["nfe"], cap), textcoords="offset points",
+                                xytext=(-60, -12), fontsize=7)
     for ax, title in zip(axes, ("PSNR vs full-step Euler output (dB)", "PSNR vs high-accuracy ODE solution (dB)")):
         ax.set_xlabel("model evaluations per sample (NFE)")
         ax.set_title(title)
@@ -431,7 +441,7 @@ def _plots(result: dict, out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "pareto.png", dpi=110)
     plt.close(fig)
-    if result["curves"]:
+    if result["curves"] and max(len(c["nfe"]) for c in result["curves"].values()) >= 2:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for name, c in result["curves"].items():
             a1.plot(range(1, len(c["nfe"]) + 1), c["nfe"], marker="o", label=name)
@@ -519,4 +529,6 @@ def register_commands(cli):
             click.echo(json.dumps(result))
         else:
             err(format_table(result))
-            err(f"\nwrote {out_dir}/bench.json, bench.csv, pareto.png, learning.png")
+            plots = "pareto.png, learning.png" if (Path(out_dir) / "learning.png").exists() else \
+                "pareto.png (no learning.png: learning over batches needs at least 2 batches)"
+            err(f"\nwrote {out_dir}/bench.json, bench.csv, {plots}")
