@@ -338,3 +338,20 @@ def test_a_state_file_of_the_papers_rule_points_to_ucb_paper(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(StateFileError, match="now 'ucb-paper'"):
         fastflow.get_policy("ucb", state=str(path))
+
+
+def test_a_read_only_state_file_is_refused_even_where_root_could_write_it(tmp_path, monkeypatch):
+    # root may write a 0444 file, so the permission answer is simulated: the check must consult it
+    from click.testing import CliRunner
+    from fastflow.cli import cli
+
+    path = tmp_path / "ro.json"
+    _learn(path, 0).save()
+    before = path.read_bytes()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(path) and mode & os.W_OK
+                        else real_access(p, mode))
+    result = CliRunner().invoke(cli, ["run", "--model", "gmm", "--steps", "10", "--samples", "2", "--state", str(path),
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not writable" in result.output, result.output
+    assert path.read_bytes() == before and not (tmp_path / "o").exists()
