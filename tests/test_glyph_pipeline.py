@@ -154,8 +154,10 @@ def test_pipeline_inputs_and_outputs(pipe):
     # default noise is torch.randn of the generator (as the CLI's engine path draws it)
     c = pipe("A7", num_inference_steps=3, latents=torch.randn(2, 3, 32, 32, generator=gen())).images
     assert torch.equal(a, c)
-    arr = pipe("A", num_inference_steps=2, output_type="np").images
-    assert arr.shape == (1, 32, 32, 3) and 0.0 <= arr.min() and arr.max() <= 1.0
+    arr = pipe("A", num_inference_steps=2, output_type="np", generator=gen()).images
+    pt = pipe("A", num_inference_steps=2, generator=gen()).images  # the same sample in [-1, 1], (1, 3, H, W)
+    want = ((pt.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    assert arr.shape == (1, 32, 32, 3) and abs(arr - want).max() < 1e-6  # the same pixels, mapped to 0..1
     pil = pipe("A", num_inference_steps=2, output_type="pil").images
     assert len(pil) == 1 and pil[0].size == (32, 32)
     assert isinstance(pipe("A", num_inference_steps=2, return_dict=False), tuple)
