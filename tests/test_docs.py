@@ -58,3 +58,15 @@ def test_the_api_page_runs_in_order(capsys):
 def test_every_doc_the_readme_names_exists():
     for name in re.findall(r"\(docs/([a-z-]+\.md)\)", (ROOT / "README.md").read_text()):
         assert (ROOT / "docs" / name).is_file(), name
+
+
+def test_every_module_the_architecture_page_names_exists():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    paths = set(re.findall(r"`((?:fastflow|policies|backends)/[\w/]+\.py)`", text))
+    assert len(paths) >= 12
+    for p in paths:
+        assert (ROOT / p).is_file(), p
+    for folder, names in (("policies", r"`policies/\*\.py`[^|]*\|([^|]*)\|"), ("backends", r"`backends/\*\.py`[^|]*\|([^|]*)\|")):
+        listed = re.findall(r"`(\w+)`", re.search(names, text).group(1))
+        for name in listed:
+            assert (ROOT / folder / f"{name}.py").is_file(), (folder, name)
