@@ -26,6 +26,9 @@ def timesteps(steps: int, shift: float | None = None) -> list[float]:
     >>> [round(t, 3) for t in timesteps(2, shift=3.0)]
     [1.0, 0.75, 0.0]
     """
+    if hasattr(steps, "item") and getattr(steps, "ndim", 1) == 0 and not getattr(steps, "is_floating_point",
+                                                                                 lambda: False)():
+        steps = steps.item()  # a numpy or torch integer scalar
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
         raise OptionError(f"steps must be a positive integer, got {steps!r}")
     if steps > MAX_STEPS:

@@ -278,14 +278,16 @@ def test_two_lambdas_are_two_models_to_a_learning_policy():
         fastflow.sample(second, torch.zeros(2, 2), steps=6, policy=pol)
 
 
-@pytest.mark.parametrize("label,needle", [
-    (torch.tensor([1, 2, 3]), "label has 3 entries for a batch of 2"),
-    (torch.tensor([0, 99]), "label holds 0..99; this model's labels are 0..35"),
+@pytest.mark.parametrize("name,label,needle", [
+    ("glyphs", torch.tensor([1, 2, 3]), "label has 3 entries for a batch of 2"),
+    ("glyphs", torch.tensor([0, 99]), "label holds 0..99; this model's labels are 0..35"),
+    ("gmm", torch.tensor([1, 2, 3]), "label has 3 entries for a batch of 2"),
+    ("gmm", torch.tensor([0, 99]), "label holds 0..99; this model's labels are 0..7"),
 ])
-def test_glyph_labels_are_checked(label, needle):
-    model = fastflow.get_model("glyphs").build()
+def test_labels_are_checked(name, label, needle):
+    spec = fastflow.get_model(name)
     with pytest.raises(fastflow.FastFlowError, match=needle):
-        fastflow.sample(model, torch.randn(2, 3, 32, 32), steps=3, policy="none", label=label)
+        fastflow.sample(spec.build(), torch.randn(2, *spec.shape), steps=3, policy="none", label=label)
 
 
 def test_numpy_scalars_are_values_not_errors():
@@ -293,6 +295,9 @@ def test_numpy_scalars_are_values_not_errors():
     out = fastflow.sample(lambda x, t: x * 0 + 1.0, torch.zeros(1, 2), steps=np.int64(10),
                           policy=fastflow.get_policy("fixed", skip=np.int64(2), window_end=np.float32(0.5)))
     assert out.steps == 10 and torch.allclose(out.x, torch.full((1, 2), -1.0))
+    again = fastflow.sample(lambda x, t: x * 0 + 1.0, torch.zeros(1, 2), steps=torch.tensor(10),
+                            policy=fastflow.get_policy("fixed", skip=torch.tensor(2), window_end=torch.tensor(0.5)))
+    assert again.nfe == out.nfe and torch.equal(again.x, out.x)  # torch scalars too
 
 
 def test_non_string_names_and_paths_are_named():

@@ -45,7 +45,17 @@ class GaussianMixtureFlow:
         v_i = (tt - a * self.std**2) / s2 * diff - m.unsqueeze(0)
         logw = -(diff * diff).sum(-1) / (2.0 * s2.view(-1, 1))  # equal std: shared terms cancel
         if label is not None:
-            label = label.to(device=x.device).long()
+            label = torch.as_tensor(label)
+            if label.numel() != x.shape[0]:
+                from fastflow.errors import OptionError
+
+                raise OptionError(f"label has {label.numel()} entries for a batch of {x.shape[0]}; give one per sample")
+            if label.device.type == "cpu" and label.numel() and not (0 <= int(label.min()) and int(label.max()) <= K):
+                from fastflow.errors import OptionError  # host-side labels only: no device sync
+
+                raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
+                                  f"0..{K - 1} ({K} is the unconditional label)")
+            label = label.to(device=x.device).long().reshape(-1)
             allowed = torch.nn.functional.one_hot(label.clamp(0, K), K + 1)[:, :K].bool()
             allowed |= (label >= K).unsqueeze(1)  # null label: the whole mixture
             logw = logw.masked_fill(~allowed, -math.inf)
