@@ -216,6 +216,8 @@ def test_no_host_reads_per_step_in_the_sample_loop(host_reads, policy):
         return counter["n"], out
 
     (r10, o10), (r30, o30) = reads(10), reads(30)
-    assert r10 == r30 <= 3, (r10, r30)
+    # per sample: the finite check (2 reads), the policy's one transfer (1), the label check (2, once per
+    # label tensor); none of them per step
+    assert r10 == r30 <= 5, (r10, r30)
     if policy != "none":
         assert o30.nfe < 30  # it really skipped while reading nothing per step

@@ -177,6 +177,7 @@ class GlyphFlow(nn.Module):
         self.patch_size = int(config["patch_size"])
         self.num_classes = int(config["num_classes"])
         self.null_label = int(config["null_label"])
+        self._checked = None  # the last label tensor whose values were checked
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         tc = config["transformer"]
@@ -232,8 +233,9 @@ class GlyphFlow(nn.Module):
         if label is None:
             label = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
         label = torch.as_tensor(label)
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and label is not self._checked:
             _check_labels(label, b, self.null_label)  # eager calls only: a traced graph has no room for it
+            self._checked = label  # the sampling loop passes the same tensor at every step: read it once
         label = label.to(x.device).long().reshape(b)
         ehs, pooled = self.label_embed(label)
         tokens = self.patchify(x.to(dtype))

@@ -50,11 +50,13 @@ class GaussianMixtureFlow:
                 from fastflow.errors import OptionError
 
                 raise OptionError(f"label has {label.numel()} entries for a batch of {x.shape[0]}; give one per sample")
-            if label.device.type == "cpu" and label.numel() and not (0 <= int(label.min()) and int(label.max()) <= K):
+            if label is not getattr(self, "_checked", None) and label.device.type == "cpu" and label.numel() \
+                    and not (0 <= int(label.min()) and int(label.max()) <= K):
                 from fastflow.errors import OptionError  # host-side labels only: no device sync
 
                 raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
                                   f"0..{K - 1} ({K} is the unconditional label)")
+            self._checked = label  # the loop passes the same tensor at every step: read it once
             label = label.to(device=x.device).long().reshape(-1)
             allowed = torch.nn.functional.one_hot(label.clamp(0, K), K + 1)[:, :K].bool()
             allowed |= (label >= K).unsqueeze(1)  # null label: the whole mixture
