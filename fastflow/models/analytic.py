@@ -46,17 +46,19 @@ class GaussianMixtureFlow:
         logw = -(diff * diff).sum(-1) / (2.0 * s2.view(-1, 1))  # equal std: shared terms cancel
         if label is not None:
             label = torch.as_tensor(label)
-            if label.numel() != x.shape[0]:
+            traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no room for checks in a graph
+            if not traced and label.numel() != x.shape[0]:
                 from fastflow.errors import OptionError
 
                 raise OptionError(f"label has {label.numel()} entries for a batch of {x.shape[0]}; give one per sample")
-            if label is not getattr(self, "_checked", None) and label.device.type == "cpu" and label.numel() \
-                    and not (0 <= int(label.min()) and int(label.max()) <= K):
+            if not traced and label is not getattr(self, "_checked", None) and label.device.type == "cpu" \
+                    and label.numel() and not (0 <= int(label.min()) and int(label.max()) <= K):
                 from fastflow.errors import OptionError  # host-side labels only: no device sync
 
                 raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
                                   f"0..{K - 1} ({K} is the unconditional label)")
-            self._checked = label  # the loop passes the same tensor at every step: read it once
+            if not traced:
+                self._checked = label  # the loop passes the same tensor at every step: read it once
             label = label.to(device=x.device).long().reshape(-1)
             allowed = torch.nn.functional.one_hot(label.clamp(0, K), K + 1)[:, :K].bool()
             allowed |= (label >= K).unsqueeze(1)  # null label: the whole mixture
