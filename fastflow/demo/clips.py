@@ -20,6 +20,8 @@ import time
 import torch
 from torch import nn
 
+from fastflow.models import check_labels
+
 FRAMES, SIZE, CHANNELS, DIRECTIONS = 8, 16, 3, 8
 NULL_LABEL = DIRECTIONS
 WEIGHTS = "clip_flow.safetensors"
@@ -93,10 +95,7 @@ class ClipFlow(nn.Module):
         if label is None:
             label = torch.full((b,), NULL_LABEL, dtype=torch.long, device=x.device)
         label = torch.as_tensor(label)
-        if label.numel() != b:
-            from fastflow.errors import OptionError
-
-            raise OptionError(f"label has {label.numel()} entries for a batch of {b}; give one label per sample")
+        check_labels(self, label, b, NULL_LABEL)
         e = self.time_mlp(self._time_features(t)) + self.label_embed(label.to(x.device).long().reshape(b))
         h = self.stem(x)
         for blk in self.blocks:

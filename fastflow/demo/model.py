@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastflow.models import check_labels
 from . import DEFAULT_WEIGHTS_DIR, NULL_LABEL, NUM_CLASSES, DemoModelError
 
 FORMAT = "fastflow-glyph-flow"
@@ -177,7 +178,6 @@ class GlyphFlow(nn.Module):
         self.patch_size = int(config["patch_size"])
         self.num_classes = int(config["num_classes"])
         self.null_label = int(config["null_label"])
-        self._checked = None  # the last label tensor whose values were checked
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         tc = config["transformer"]
@@ -233,9 +233,7 @@ class GlyphFlow(nn.Module):
         if label is None:
             label = torch.full((b,), self.null_label, dtype=torch.long, device=x.device)
         label = torch.as_tensor(label)
-        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and label is not self._checked:
-            _check_labels(label, b, self.null_label)  # eager calls only: a traced graph has no room for it
-            self._checked = label  # the sampling loop passes the same tensor at every step: read it once
+        check_labels(self, label, b, self.null_label)
         label = label.to(x.device).long().reshape(b)
         ehs, pooled = self.label_embed(label)
         tokens = self.patchify(x.to(dtype))
@@ -359,15 +357,3 @@ def load_glyph_flow(directory: str | os.PathLike | None = None, device: str | to
     model = model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     return model
-
-
-def _check_labels(label, batch: int, null_label: int) -> None:
-    """One label per sample, each a class or the null label; read on the host only
-    (a label tensor on a GPU is not synchronised to check its range)."""
-    from fastflow.errors import OptionError
-
-    if label.numel() != batch:
-        raise OptionError(f"label has {label.numel()} entries for a batch of {batch}; give one label per sample")
-    if label.device.type == "cpu" and batch and not (0 <= int(label.min()) and int(label.max()) <= null_label):
-        raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
-                          f"0..{null_label - 1} ({null_label} is the unconditional label)")

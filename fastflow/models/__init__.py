@@ -60,3 +60,24 @@ def resolve_model(name: str) -> ModelSpec:
 
         return glyph_spec(str(name))
     return get_plugins().get("models", name).obj
+
+
+def check_labels(owner: Any, label, batch: int, null_label: int) -> None:
+    """Refuse a label tensor that is not one class (0..null_label) per sample, naming it.
+
+    Eager calls only (a traced or exported graph has no room for it); values are read on
+    the host only when the labels live there (no device sync on a GPU); and a tensor is
+    read once: the sampling loop passes the same one at every step (``owner`` remembers it).
+    """
+    import torch
+
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or label is getattr(owner, "_checked_labels", None):
+        return
+    from fastflow.errors import OptionError
+
+    if label.numel() != batch:
+        raise OptionError(f"label has {label.numel()} entries for a batch of {batch}; give one label per sample")
+    if label.device.type == "cpu" and batch and not (0 <= int(label.min()) and int(label.max()) <= null_label):
+        raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
+                          f"0..{null_label - 1} ({null_label} is the unconditional label)")
+    owner._checked_labels = label

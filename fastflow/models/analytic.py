@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from fastflow.hookspecs import hookimpl
-from fastflow.models import ModelSpec
+from fastflow.models import ModelSpec, check_labels
 
 
 class GaussianMixtureFlow:
@@ -46,19 +46,7 @@ class GaussianMixtureFlow:
         logw = -(diff * diff).sum(-1) / (2.0 * s2.view(-1, 1))  # equal std: shared terms cancel
         if label is not None:
             label = torch.as_tensor(label)
-            traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # no room for checks in a graph
-            if not traced and label.numel() != x.shape[0]:
-                from fastflow.errors import OptionError
-
-                raise OptionError(f"label has {label.numel()} entries for a batch of {x.shape[0]}; give one per sample")
-            if not traced and label is not getattr(self, "_checked", None) and label.device.type == "cpu" \
-                    and label.numel() and not (0 <= int(label.min()) and int(label.max()) <= K):
-                from fastflow.errors import OptionError  # host-side labels only: no device sync
-
-                raise OptionError(f"label holds {int(label.min())}..{int(label.max())}; this model's labels are "
-                                  f"0..{K - 1} ({K} is the unconditional label)")
-            if not traced:
-                self._checked = label  # the loop passes the same tensor at every step: read it once
+            check_labels(self, label, x.shape[0], K)
             label = label.to(device=x.device).long().reshape(-1)
             allowed = torch.nn.functional.one_hot(label.clamp(0, K), K + 1)[:, :K].bool()
             allowed |= (label >= K).unsqueeze(1)  # null label: the whole mixture
