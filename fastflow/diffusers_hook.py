@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import estimator
-from .engine import Step
+from .controller import SkipController
 from .errors import FastFlowError, OptionError
 from .policy import History, SampleContext
 
@@ -102,24 +102,16 @@ class _Call:
         self.verified = verified
         self.ts: list[float] = []
         self.T = 0
-        self.room: list[int] = []
-        self.run = None
+        self.ctl: SkipController | None = None
         self.cur_k = -1
         self.max_k = -1
         self.step_skipped = False
-        self.prev_computed = False
-        self.skip_until = -1
         self.hists: dict[str, History] = {}
         self.templates: dict[str, Any] = {}
         self.order: list[str] = []  # branch keys in first-seen order
         self.step_names: dict = {}
         self.step_calls = 0
         self.calls_per_step = 0  # branch calls of step 0: when the last step has as many, the call ends
-        self.pending = -1
-        self.err_sum = None
-        self.err_n = 0
-        self.trace: list = []
-        self.nfe = 0
         self.denoiser_calls = 0
         self.fallback_calls = 0
         self.batch_size = 0
@@ -135,7 +127,10 @@ class _Call:
         self.start = start
         self.ts = self.sig[start:]
         self.T = len(self.ts) - 1
-        self.room = policy.run_lengths(self.T) if self.T >= 1 else [0]
+        if self.ctl is None:
+            self.ctl = SkipController(policy, self.ts)
+        else:
+            self.ctl.rebase(policy, self.ts)
 
 
 # -- the controller (the handle users hold) ------------------------------------------
@@ -296,19 +291,13 @@ class FastFlowHandle:
         t = c.ts[k]
         if c.step_skipped:
             c.fallback_calls += 1  # a branch with no history yet: computed, the step stays "skipped"
-        elif c.pending >= 0 and h.v_prev is not None:
-            e = estimator.history_error(v, h, t, getattr(c.run, "per_sample_error", False))
-            if c.err_sum is not None and e.shape != c.err_sum.shape:  # branches of unequal batch
-                e, c.err_sum = e.mean(), c.err_sum.mean()
-            c.err_sum = e if c.err_sum is None else c.err_sum + e
-            c.err_n += 1
+        else:
+            c.ctl.measure(v, h, t)
         if not c.batch_size:
             c.batch_size = int(v.shape[0]) if getattr(v, "dim", lambda: 0)() else 1
             c.device = v.device
         if not c.step_skipped and key == c.order[0]:
-            run = self._ensure_run(c)
-            if run.wants_velocities:  # calibrating policies see every true output of the first branch
-                run.record(k, v)
+            self._ensure_run(c).computed(k, v)  # calibrating policies see the first branch's outputs
         h.k_prev, h.t_prev, h.v_prev = h.k_cur, h.t_cur, h.v_cur
         h.k_cur, h.t_cur, h.v_cur = k, t, v
         c.templates[key] = out
@@ -384,62 +373,36 @@ class FastFlowHandle:
         for h in c.hists.values():  # only step 0 has been seen
             if h.k_cur == 0:
                 h.t_cur = c.ts[0]
-        c.trace = [s._replace(t=c.ts[s.k]) for s in c.trace]
 
     def _enter_step(self, c: _Call, k: int, primary_key: str) -> None:
         self._finish_step(c)
         if c.cur_k == 0 and not c.calls_per_step:
             c.calls_per_step = c.step_calls
-        c.prev_computed = c.cur_k >= 0 and not c.step_skipped
         c.cur_k = k
         c.max_k = max(c.max_k, k)
         c.step_names = {}
         c.step_calls = 0
         primary = c.hists.get(primary_key)
+        # a skip run ends early where the step's first branch has no two true outputs
+        # (e.g. a second expert taking over): that step is computed
         usable = primary is not None and primary.v_prev is not None and primary.k_cur < k
-        if k < c.skip_until and usable:
-            skipped = True
-        else:
-            # a skip run ends early where the step's first branch has no two true outputs
-            # (e.g. a second expert taking over): that step is computed
-            c.skip_until = -1
-            skipped = False
-            room = c.room[k]
-            if room and c.prev_computed and usable:
-                run = self._ensure_run(c)
-                decision = run.decide(k, primary)
-                if run.needs_error:
-                    c.pending = k
-                n = min(int(decision), room)
-                if c.trace:
-                    c.trace[-1] = c.trace[-1]._replace(decision=decision)
-                if n > 0:
-                    c.skip_until = k + n
-                    skipped = True
-        c.step_skipped = skipped
-        c.trace.append(Step(k, c.ts[k], not skipped, None))
-        if not skipped:
-            c.nfe += 1
+        # (the policy's run exists: it started at the first output, before any decision)
+        c.step_skipped = c.ctl.enter(k, primary, usable)
 
     def _finish_step(self, c: _Call) -> None:
         """Every decision gets exactly one error, at the next computed step (as in the engine)."""
-        if c.pending >= 0 and not c.step_skipped and c.cur_k >= 0:
-            if c.err_n:
-                err = c.err_sum if c.err_n == 1 else c.err_sum / c.err_n  # stays on the device
-            else:  # no branch had two true outputs to extrapolate from: no error to report
-                err = _torch().full((), float("nan"), device=c.device)
-            c.run.observe(c.pending, err)
-            c.pending, c.err_sum, c.err_n = -1, None, 0
+        if not c.step_skipped and c.cur_k >= 0:
+            c.ctl.settle(c.device)
 
-    def _ensure_run(self, c: _Call):
-        if c.run is None:
+    def _ensure_run(self, c: _Call) -> SkipController:
+        if c.ctl.run is None:
             ctx = SampleContext(
                 timesteps=list(c.ts), model_key=self.model_key,
                 schedule_key=self._schedule_key or _schedule_key(c.sched, c.ts),
                 batch_size=c.batch_size or 1,
             )
-            c.run = self.policy.start(ctx)
-        return c.run
+            c.ctl.start(self.policy, ctx)
+        return c.ctl
 
     def _reached_end(self, c: _Call | None) -> bool:
         return c is not None and not c.passthrough and c.T >= 1 and c.cur_k == c.T - 1 and not c.step_skipped
@@ -453,21 +416,21 @@ class FastFlowHandle:
         try:
             if not c.passthrough and c.cur_k >= 0:
                 self._finish_step(c)
-                run = self._ensure_run(c)
                 ok = complete
-                run.close(ok)
+                self._ensure_run(c).close(ok)
         finally:
             # a call that fell back to computing everything computed its remaining steps too
-            computed = c.nfe + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0)
+            trace = c.ctl.trace if c.ctl is not None else []
+            computed = (c.ctl.nfe if c.ctl is not None else 0) + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0)
             c.record = PipelineCall(
                 index=len(self.calls), steps=c.T, nfe=computed, denoiser_calls=c.denoiser_calls,
-                skipped=sum(1 for s in c.trace if not s.computed), trace=list(c.trace),
+                skipped=sum(1 for s in trace if not s.computed), trace=list(trace),
                 timesteps=list(c.ts), branches=list(c.order), complete=complete,
                 policy=self.policy_name, wall_seconds=c.ended - c.started,
                 fallback_calls=c.fallback_calls, note=c.note,
             )
             self.calls.append(c.record)
-            c.hists, c.templates, c.run, c.err_sum = {}, {}, None, None  # free the device memory
+            c.hists, c.templates, c.ctl = {}, {}, None  # free the device memory
         if ok and self.autosave and getattr(self.policy, "state_path", None) is not None:
             self.policy.save()
 

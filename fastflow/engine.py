@@ -14,21 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import Any
 
-from . import estimator
+from .controller import SkipController, Step
 from .errors import FastFlowError, NonFiniteError, OptionError
 from .policy import History, Policy, SampleContext
 from .schedule import timesteps as make_timesteps
-
-
-class Step(NamedTuple):
-    """One entry of :attr:`SampleResult.trace`."""
-
-    k: int
-    t: float
-    computed: bool
-    decision: int | None  # skip count the policy chose after this step, if consulted
 
 
 @dataclass
@@ -315,76 +306,57 @@ def make_solver(name: str, steps: int, shift: float | None, device):
 
 
 def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None):
-    """The per-step loop. Returns (x, nfe, trace, whether the run was a calibration)."""
+    """The per-step loop, driven by a :class:`~fastflow.controller.SkipController`.
+    Returns (x, nfe, trace, whether the run was a calibration)."""
     import torch
 
     T = len(ts) - 1
     batch = noise.shape[0]
     t_vecs = [torch.full((batch,), t, dtype=noise.dtype, device=noise.device) for t in ts[:-1]]
-    run_lengths = policy.run_lengths(T)
-    run = policy.start(ctx)
-    needs_error = run.needs_error
-    per_sample = getattr(run, "per_sample_error", False)
-    decide, observe = run.decide, run.observe
-    record = run.record if run.wants_velocities else None
+    ctl = SkipController(policy, ts)
+    ctl.start(policy, ctx)
+    enter = ctl.enter
 
     x = noise.clone()
     hist = History()
-    trace: list[Step] = []
     sums = []  # one 0-d device tensor per computed velocity: NaN/Inf shows up in its sum
     computed_steps: list[int] = []
-    pending = -1  # step whose decision awaits the error measured at the next evaluation
-    nfe = 0
-    k = 0
+    slope = None  # of the current skip run: (v_cur − v_prev)/(t_cur − t_prev)
     ok = False
     try:
-        while k < T:
-            t = ts[k]
+        for k in range(T):
+            t, h = ts[k], ts[k + 1] - ts[k]
+            if enter(k, hist, hist.v_prev is not None):
+                if slope is None:
+                    slope = (hist.v_cur - hist.v_prev).div_(hist.t_cur - hist.t_prev)
+                if stepper is None:
+                    # x += h·v̂(t_k), the estimator's v̂(t) = v_cur + (t − t_cur)·slope
+                    # written into the update so no v̂ tensor is allocated
+                    x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (t - hist.t_cur))
+                else:
+                    x = stepper(torch.add(hist.v_cur, slope, alpha=t - hist.t_cur), k, x)
+                continue
+            slope = None
             v = velocity(x, t_vecs[k])
-            if nfe == 0:
+            if not computed_steps:
                 _check_velocity(v, x)
-            nfe += 1
             sums.append(v.sum())
             computed_steps.append(k)
-            if record is not None:
-                record(k, v)
-            if pending >= 0:  # the error of the extrapolation at this step
-                observe(pending, estimator.history_error(v, hist, t, per_sample))
-                pending = -1
+            ctl.computed(k, v)
+            if ctl.pending >= 0:  # the error of the extrapolation at this step
+                ctl.measure(v, hist, t)
+                ctl.settle()
             hist.k_prev, hist.t_prev, hist.v_prev = hist.k_cur, hist.t_cur, hist.v_cur
             hist.k_cur, hist.t_cur, hist.v_cur = k, t, v
             if stepper is None:
-                x.add_(v, alpha=ts[k + 1] - t)
+                x.add_(v, alpha=h)
             else:
                 x = stepper(v, k, x)
-            k += 1
-            decision = None
-            room = run_lengths[k]
-            if room and hist.v_prev is not None:
-                decision = decide(k, hist)
-                if needs_error:
-                    pending = k
-                n = min(int(decision), room)
-                if n > 0:
-                    trace.append(Step(k - 1, t, True, decision))
-                    slope = (hist.v_cur - hist.v_prev).div_(hist.t_cur - hist.t_prev)
-                    for _ in range(n):
-                        tk, h = ts[k], ts[k + 1] - ts[k]
-                        if stepper is None:
-                            # x += h·v̂(t_k), the estimator's v̂(t) = v_cur + (t − t_cur)·slope
-                            # written into the update so no v̂ tensor is allocated
-                            x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (tk - hist.t_cur))
-                        else:
-                            x = stepper(torch.add(hist.v_cur, slope, alpha=tk - hist.t_cur), k, x)
-                        trace.append(Step(k, tk, False, None))
-                        k += 1
-                    continue
-            trace.append(Step(k - 1, t, True, decision))
         _check_finite(sums, computed_steps, x, ts)
         ok = True
     finally:
-        run.close(ok)
-    return x, nfe, trace, getattr(run, "calibrating", False)
+        ctl.close(ok)
+    return x, ctl.nfe, ctl.trace, ctl.calibrating
 
 
 def _check_velocity(v, x) -> None:

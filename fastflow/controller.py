@@ -1,0 +1,136 @@
+"""The skip controller: the one place that decides, skips, measures, traces and counts.
+
+Both skip paths drive it — :func:`fastflow.sample`'s Euler loop and the diffusers hook
+(which only adapts a pipeline's denoiser calls to it) — so a decision means the same
+everywhere. For one sample (one batch) and one policy it owns:
+
+* the policy's :class:`~fastflow.policy.PolicyRun` (``decide``, ``observe``, ``record``,
+  ``close``) and the skippable window (``Policy.run_lengths``);
+* skip runs: :meth:`enter` says for each step whether it is computed or extrapolated,
+  asking the policy at the first step of a possible run;
+* the error of each decision: :meth:`measure` adds the extrapolation error of every
+  branch computed at the next true step (float32, on the device, from
+  :mod:`fastflow.estimator`), :meth:`settle` hands their mean to ``observe``;
+* the trace (:class:`Step` per step) and the NFE (computed steps; a step's branches count
+  once).
+
+It never reads a tensor on the host. Decisions are per batch today; a per-sample policy
+would return one decision per row from ``decide`` and :meth:`enter` would return the
+rows to compute — the callers already ask per step, not per run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import estimator
+
+
+class Step(NamedTuple):
+    """One step of a trace: ``computed`` is False where the velocity was extrapolated;
+    ``decision`` is what the policy answered after this step (None: not asked)."""
+
+    k: int
+    t: float
+    computed: bool
+    decision: int | None
+
+
+class SkipController:
+    """Skip decisions for one sample; see the module docstring."""
+
+    __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample",
+                 "trace", "nfe", "pending", "skip_until", "prev_computed", "_err", "_err_n")
+
+    def __init__(self, policy, ts: list[float]):
+        self.ts = ts
+        self.room = policy.run_lengths(len(ts) - 1) if len(ts) > 1 else [0]
+        self.run = None
+        self.trace: list[Step] = []
+        self.nfe = 0
+        self.pending = -1  # step whose decision awaits its error
+        self.skip_until = -1  # steps below this one are extrapolated (the current run)
+        self.prev_computed = False
+        self._err = None
+        self._err_n = 0
+
+    def start(self, policy, ctx) -> None:
+        """Start the policy's run (separate from ``__init__``: a pipeline tells its batch
+        size only with its first output)."""
+        run = self.run = policy.start(ctx)
+        self.decide, self.observe = run.decide, run.observe
+        self.record = run.record if run.wants_velocities else None
+        self.needs_error = run.needs_error
+        self.per_sample = getattr(run, "per_sample_error", False)
+
+    def rebase(self, policy, ts: list[float]) -> None:
+        """The schedule turned out to start elsewhere (only step 0 has been seen)."""
+        self.ts = ts
+        self.room = policy.run_lengths(len(ts) - 1) if len(ts) > 1 else [0]
+        self.trace = [s._replace(t=ts[s.k]) for s in self.trace]
+
+    def enter(self, k: int, hist, usable: bool = True) -> bool:
+        """Step ``k`` begins: True if it is extrapolated, False if the model computes it.
+
+        ``hist`` holds the true velocities the decision may look at; ``usable`` is False
+        where they cannot extrapolate to step k (fewer than two, or not from before k).
+        A skip run ends early at a step that is not usable; that step is computed.
+        """
+        if k < self.skip_until and usable:
+            skipped = True
+        else:
+            self.skip_until = -1
+            skipped = False
+            room = self.room[k]
+            if room and self.prev_computed and usable:
+                decision = self.decide(k, hist)
+                if self.needs_error:
+                    self.pending = k
+                if self.trace:
+                    self.trace[-1] = self.trace[-1]._replace(decision=decision)
+                n = min(int(decision), room)
+                if n > 0:
+                    self.skip_until = k + n
+                    skipped = True
+        self.prev_computed = not skipped
+        self.trace.append(Step(k, self.ts[k], not skipped, None))
+        if not skipped:
+            self.nfe += 1
+        return skipped
+
+    def computed(self, k: int, v: Any) -> None:
+        """The true velocity of step ``k``'s first branch (what calibrating policies see)."""
+        if self.record is not None:
+            self.record(k, v)
+
+    def measure(self, v: Any, hist, t: float) -> None:
+        """A branch computed at the step after a decision: its extrapolation error,
+        from that branch's own history (before it is updated with ``v``)."""
+        if self.pending < 0 or hist.v_prev is None:
+            return
+        e = estimator.history_error(v, hist, t, self.per_sample)
+        if self._err is not None and e.shape != self._err.shape:  # branches of unequal batch
+            e, self._err = e.mean(), self._err.mean()
+        self._err = e if self._err is None else self._err + e
+        self._err_n += 1
+
+    def settle(self, device=None) -> None:
+        """Hand the pending decision its error (the mean over the measured branches;
+        NaN when no branch could be measured). It stays on the device."""
+        if self.pending < 0:
+            return
+        if self._err_n:
+            err = self._err if self._err_n == 1 else self._err / self._err_n
+        else:
+            import torch
+
+            err = torch.full((), float("nan"), device=device)
+        self.observe(self.pending, err)
+        self.pending, self._err, self._err_n = -1, None, 0
+
+    def close(self, ok: bool) -> None:
+        self.run.close(ok)
+
+    @property
+    def calibrating(self) -> bool:
+        return getattr(self.run, "calibrating", False)
