@@ -67,6 +67,57 @@ def merge(bandits: list[UCB1], base, disk) -> None:
         b.sums = [d + (s - z) for s, z, d in zip(b.sums, s0, sd)]
 
 
+class BanditStats:
+    """What bandits learned over some span, as one additive value: pull counts and reward
+    sums per bandit and arm, the samples they came from, and the calibration extras
+    (``scale`` or ``mu``; where two differ, the left operand's is kept, as a state file
+    keeps its own). ``a + b`` is exact for counts; sums add as floats do."""
+
+    __slots__ = ("key", "counts", "sums", "samples", "extra")
+
+    def __init__(self, key: dict, counts: list[list[int]], sums: list[list[float]], samples: int = 0,
+                 extra: dict | None = None):
+        self.key, self.counts, self.sums, self.samples = key, counts, sums, samples
+        self.extra = dict(extra or {})
+
+    def __add__(self, other: "BanditStats | None") -> "BanditStats":
+        if other is None:
+            return self
+        if other.key != self.key or len(other.counts) != len(self.counts):
+            raise OptionError(f"cannot merge learning for {other.key} into learning for {self.key}: "
+                              f"every worker must run the same model, schedule and policy options")
+        extra = {k: (self.extra.get(k) if self.extra.get(k) is not None else other.extra.get(k))
+                 for k in {**self.extra, **other.extra}}
+        return BanditStats(
+            self.key,
+            [[a + b for a, b in zip(ca, cb)] for ca, cb in zip(self.counts, other.counts)],
+            [[a + b for a, b in zip(sa, sb)] for sa, sb in zip(self.sums, other.sums)],
+            self.samples + other.samples, extra)
+
+    __radd__ = __add__  # None + stats (sum() starts from 0: use functools.reduce or a loop)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BanditStats) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k in self.__slots__:
+            setattr(self, k, state[k])
+
+    def __repr__(self) -> str:
+        return (f"BanditStats({sum(map(sum, self.counts))} pulls over {len(self.counts)} bandits, "
+                f"{self.samples} samples)")
+
+
+def shifted(tables, old, new):
+    """``tables`` + (``new`` − ``old``), all in :func:`snapshot` form."""
+    return [([t + (n - o) for t, o, n in zip(ct, co, cn)], [t + (n - o) for t, o, n in zip(st, so, sn)])
+            for (ct, st), (co, so), (cn, sn) in zip(tables, old, new)]
+
+
 def read_tables(rows, n_bandits: int, n_arms: int) -> list[tuple[list[int], list[float]]]:
     """Validated (counts, sums) per bandit from a state file's rows; ValueError naming
     what is wrong. Old files stored means ("values"): they are turned into sums."""
@@ -159,6 +210,9 @@ class BanditPolicy(Policy):
                 )
             self._adopt(data, self.state_path)
         self._base, self._samples_base = snapshot(self.bandits), self.samples
+        # what was loaded (never part of a delta) and the point the next delta counts from
+        self._origin, self._origin_samples = self._base, self.samples
+        self._sync, self._sync_samples = self._base, self.samples
 
     def _adopt(self, data: dict, path) -> None:
         try:
@@ -213,10 +267,58 @@ class BanditPolicy(Policy):
                 except ValueError as exc:
                     raise StateFileError(f"state file {path} is damaged ({exc}); it was left untouched.") from None
                 merge(self.bandits, self._base, rows)
-                self.samples = int(disk.get("samples", 0)) + (self.samples - self._samples_base)
+                outside = int(disk.get("samples", 0)) - self._samples_base  # other processes' samples
+                self.samples = self._samples_base + outside + (self.samples - self._samples_base)
+                # what other processes saved is now here: the merge bases move with it
+                self._origin, self._sync = (shifted(b, self._base, rows) for b in (self._origin, self._sync))
+                self._origin_samples += outside
+                self._sync_samples += outside
                 self._merge_extra(disk)
             write_state(path, self.name, self.state_dict())
             self._base, self._samples_base = snapshot(self.bandits), self.samples
+
+    # -- sharing learning between workers (Policy.delta / absorb) ---------------------------
+    mergeable = True
+
+    def delta(self) -> BanditStats | None:
+        """Counts, reward sums and samples learned since the last delta or absorb (None
+        before the first sample); the calibration extras ride along."""
+        if self.key is None:
+            return None
+        out = BanditStats(
+            self.key,
+            [[c - z for c, z in zip(b.counts, c0)] for b, (c0, _) in zip(self.bandits, self._sync)],
+            [[s - z for s, z in zip(b.sums, s0)] for b, (_, s0) in zip(self.bandits, self._sync)],
+            self.samples - self._sync_samples, self._extra_state())
+        self._sync, self._sync_samples = snapshot(self.bandits), self.samples
+        return out
+
+    def absorb(self, merged: BanditStats | None) -> None:
+        """Become what was loaded + ``merged`` (all workers' deltas) + what was learned here
+        since the last delta (which stays in the next delta)."""
+        if merged is None:
+            return
+        if self.key is None:
+            self._bind(merged.key)
+        elif merged.key != self.key:
+            raise OptionError(f"this {self.name} policy learned on {self.key}; the merged learning is for "
+                              f"{merged.key}. Every worker must run the same model and schedule.")
+        if len(merged.counts) != len(self.bandits) or any(len(c) != len(self.arms) for c in merged.counts):
+            raise OptionError(f"the merged learning has {len(merged.counts)} bandits; this {self.name} policy "
+                              f"has {len(self.bandits)} of {len(self.arms)} arms. Every worker must use the same options.")
+        for b, (c0, s0), (cs, ss), mc, ms in zip(self.bandits, self._origin, self._sync, merged.counts, merged.sums):
+            unsynced_c = [c - z for c, z in zip(b.counts, cs)]
+            unsynced_s = [s - z for s, z in zip(b.sums, ss)]
+            base_c = [o + m for o, m in zip(c0, mc)]
+            base_s = [o + m for o, m in zip(s0, ms)]
+            b.counts = [x + u for x, u in zip(base_c, unsynced_c)]
+            b.sums = [x + u for x, u in zip(base_s, unsynced_s)]
+        unsynced_samples = self.samples - self._sync_samples
+        self._sync_samples = self._origin_samples + merged.samples
+        self.samples = self._sync_samples + unsynced_samples
+        self._sync = [([o + m for o, m in zip(c0, mc)], [o + m for o, m in zip(s0, ms)])
+                      for (c0, s0), mc, ms in zip(self._origin, merged.counts, merged.sums)]
+        self._merge_extra(merged.extra)
 
     # -- what it learned ---------------------------------------------------------------------
     def bandit(self, k: int, k_prev: int) -> UCB1:

@@ -131,6 +131,28 @@ class Policy:
     def save(self, path=None) -> None:
         """Persist learned state, if the policy has any."""
 
+    # -- sharing learning between processes (``fastflow generate --ray``) ----------------
+    #: True where :meth:`delta` and :meth:`absorb` are implemented, so workers that each
+    #: run a copy of this policy can pool what they learn. A policy that leaves it False
+    #: learns per worker (``fastflow generate`` says so).
+    mergeable = False
+
+    def delta(self) -> Any:
+        """What this policy learned since the last :meth:`delta` or :meth:`absorb`: a
+        picklable value that adds with ``+`` (deltas of copies of the same policy, on the
+        same model and schedule, sum to everything they learned), or None if nothing.
+
+        Learned statistics must be additive for this (a bandit's pull counts and reward
+        sums are): the merge actor keeps ``total = total + delta`` and hands the total back."""
+        return None
+
+    def absorb(self, merged: Any) -> None:
+        """Decide from now on with ``merged``: the sum of every copy's deltas since they
+        started (this copy's own included). What this copy learned since its last
+        :meth:`delta` is kept and goes into its next delta; what it loaded from its
+        state file at the start is kept too, so it is never counted twice."""
+        raise NotImplementedError(f"policy {self.name!r} cannot merge learning (mergeable is False)")
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
