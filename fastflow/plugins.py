@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "fastflow.models.clips",
     "fastflow.bench",
     "fastflow.export",
+    "fastflow.generate_command",
 )
 
 KINDS = ("policies", "backends", "models")
