@@ -310,6 +310,15 @@ class BatchStep:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    def _die_once(self) -> None:
+        try:
+            fd = os.open(self.die_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # one process, once
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(17)
+
     def __call__(self, jobs: list[dict]) -> dict:
         """Sample, write, commit. A batch already committed (a retried task) is not redone."""
         import torch
@@ -340,9 +349,8 @@ class BatchStep:
             rows.append({"id": j["id"], "seed": j["seed"], "label": j["label"], "label_name": name,
                          "prompt": j["prompt"], "policy": self.settings.policy, "nfe": int(nfe),
                          "file": write_sample(self.out, spec, j["id"], x)})
-        if self.die_once and not os.path.exists(self.die_once):  # crash tests: files written, not committed
-            Path(self.die_once).write_text(str(os.getpid()))
-            os._exit(17)
+        if self.die_once:  # crash tests: the files are written, the batch is not committed
+            self._die_once()
         _atomic_write(commit, json.dumps({"rows": rows}).encode())
         return {"rows": rows, "seconds": time.perf_counter() - started, "calibration": res.calibration_samples,
                 "already": False}
