@@ -66,9 +66,11 @@ def register_commands(cli):
                   help="Torch threads per worker (with --ray, default 1) or of this process.")
     @click.option("--sync-every", default=1, show_default=True, type=click.IntRange(min=1),
                   help="With --ray: batches between absorbing the merged learning.")
+    @click.option("--share/--no-share", default=True, show_default=True,
+                  help="With --ray: pool the workers' learning (--no-share: each worker learns alone).")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
     def generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, options, backend, steps, solver,
-                 shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, as_json):
+                 shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, share, as_json):
         """Generate a data set: every image a PNG, a metadata.parquet row per image.
 
         \b
@@ -90,8 +92,8 @@ def register_commands(cli):
         if ray_address is None and workers is not None:
             raise GenerateUsageError("--workers needs --ray (e.g. --ray local --workers 2); without --ray "
                                      "everything runs in this process")
-        if ray_address is None and sync_every != 1:
-            raise GenerateUsageError("--sync-every needs --ray: it sets how often workers merge learning")
+        if ray_address is None and (sync_every != 1 or not share):
+            raise GenerateUsageError("--sync-every and --no-share need --ray: they set how workers merge learning")
         if jobs_file is not None and (label_spec is not None or samples is not None):
             raise GenerateUsageError("--jobs lists every job; drop --labels/--samples (or drop --jobs)")
         if guidance is not None and not math.isfinite(guidance):
@@ -99,7 +101,7 @@ def register_commands(cli):
         try:
             summary = _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, opts, backend,
                                 steps, solver, shift, guidance, batch_size, state_path, ray_address, workers,
-                                threads, sync_every, as_json)
+                                threads, sync_every, share, as_json)
         except FastFlowError as exc:
             raise GenerateUsageError(str(exc)) from None
         if as_json:
@@ -112,10 +114,10 @@ def register_commands(cli):
 
 
 def _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, opts, backend, steps, solver,
-              shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, quiet):
+              shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, share, quiet):
     import fastflow
-    from .generate import (Settings, check_ids, label_jobs, parse_labels, prepare_out, read_jobs,
-                           require_pyarrow, run_in_process)
+    from .generate import Settings, prepare_out, require_pyarrow, run_in_process
+    from .generate_jobs import check_ids, label_jobs, parse_labels, read_jobs
     from .models import resolve_model
     from .state import check_writable
 
@@ -153,4 +155,4 @@ def _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy,
     from .ray_generate import run_on_ray
 
     return run_on_ray(settings, jobs, out_dir, address=ray_address, workers=workers or 2, threads=threads or 1,
-                      sync_every=sync_every, say=say)
+                      sync_every=sync_every, share=share, say=say)

@@ -106,8 +106,9 @@ class GenerateWorker:
 
 
 def run_on_ray(settings: Settings, jobs: list[dict], out_dir, *, address: str = "local", workers: int = 2,
-               threads: int = 1, sync_every: int = 1, say=None) -> dict:
-    """Generate every pending job on a Ray cluster (``address`` "local" starts one here)."""
+               threads: int = 1, sync_every: int = 1, share: bool = True, say=None) -> dict:
+    """Generate every pending job on a Ray cluster (``address`` "local" starts one here).
+    ``share=False``: each worker learns alone (what the benchmark compares sharing with)."""
     ray = require_ray()
     require_pyarrow()
     say = say or (lambda msg: print(f"fastflow: {msg}", file=sys.stderr, flush=True))
@@ -128,31 +129,36 @@ def run_on_ray(settings: Settings, jobs: list[dict], out_dir, *, address: str = 
             ray.init(address=address, logging_level="WARNING")
         started_ray = True
     try:
-        return _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_every, say, address)
+        return _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_every, say, address,
+                    share)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_every, say, address):
+def _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_every, say, address, share):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
     gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    mergeable = getattr(policy, "mergeable", False)
+    mergeable = getattr(policy, "mergeable", False) and share
     note = (f"each worker's {settings.policy} learning is pushed to a merge actor after every batch and the "
             f"total absorbed every {sync_every} batch(es)" if mergeable else
+            f"each of the {workers} workers learns on its own (--no-share)" if share is False and
+            getattr(policy, "mergeable", False) else
             f"policy {settings.policy} cannot merge learning: each of the {workers} workers learns on its own")
     say(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {out}; making {len(todo)} on Ray with "
         f"{workers} worker(s) x {threads} thread(s){' and 1 GPU each' if gpus else ''}; {note}")
     if not mergeable and settings.state is not None:
-        say(f"--state {settings.state} is not written: a policy that cannot merge has no one learning to save")
+        say(f"--state {settings.state} is not written: workers that do not merge have no one learning to save")
     store = ray.remote(num_cpus=0)(MergeStore).remote() if mergeable else None
     log: dict = {}
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     if todo:
         items = [{"id": j["id"], "seed": j["seed"], "label": -1 if j["label"] is None else j["label"],
                   "prompt": j["prompt"] or ""} for j in todo]
-        ds = ray.data.from_items(items).map_batches(
+        # one block per batch: a task is one batch (balanced across workers, retried alone)
+        blocks = -(-len(items) // settings.batch_size)
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             GenerateWorker, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=threads,
             num_gpus=1 if gpus else None, batch_format="numpy",
@@ -168,7 +174,7 @@ def _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_ev
                                              "seconds": float(block["seconds"][i]),
                                              "merge_seconds": float(block["merge_seconds"][i]),
                                              "calibration": int(block["calibration"][i]),
-                                             "t": time.perf_counter() - started})
+                                             "t": float(block["done_at"][i]) - started_wall})  # when it finished
                 entry["images"] += 0 if bool(block["already"][i]) else 1
             if store is not None and settings.state is not None and time.perf_counter() - last_save > 30:
                 policy.absorb(ray.get(store.get.remote()))  # learning survives a crash of the run too

@@ -240,7 +240,8 @@ def test_the_in_process_path_does_not_import_ray(tmp_path):
 
 
 def test_run_in_process_reports_throughput_and_the_state(tmp_path):
-    from fastflow.generate import label_jobs, prepare_out
+    from fastflow.generate import prepare_out
+    from fastflow.generate_jobs import label_jobs
 
     spec = resolve_model("gmm")
     settings = Settings(model="gmm", batch_size=8, state=str(tmp_path / "s.json"))

@@ -10,7 +10,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fastflow[ray]')")
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install 'fastflow[ray]')")
 
-from fastflow.generate import DIE_ONCE_ENV, Settings, label_jobs, prepare_out  # noqa: E402
+from fastflow.generate import DIE_ONCE_ENV, Settings, prepare_out  # noqa: E402
+from fastflow.generate_jobs import label_jobs  # noqa: E402
 from fastflow.models import resolve_model  # noqa: E402
 from fastflow.ray_generate import run_on_ray  # noqa: E402
 
