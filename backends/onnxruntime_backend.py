@@ -1,7 +1,7 @@
 """``onnxruntime``: run a graph exported by ``fastflow export --backend onnx``.
 
 ``load(model)`` takes the export directory (or its ``model.onnx``, or a bare ``.onnx``
-file, or a :class:`fastflow.export.Exported`) and returns ``velocity(x, t, **cond) -> v``
+file, or a :class:`fastflow.artifact.Exported`) and returns ``velocity(x, t, **cond) -> v``
 on torch tensors:
 
 * CPU tensors: ``CPUExecutionProvider`` with all graph optimisations and no
@@ -13,14 +13,14 @@ on torch tensors:
 Sessions are cached per (file, device), so calling ``load`` for every batch (as
 ``fastflow run`` does) creates the session once. Every call returns a fresh tensor.
 Inputs are checked against the export's metadata: a wrong name, shape or dtype raises
-:class:`fastflow.export.InputMismatchError` naming the input and what the graph expects.
+:class:`fastflow.errors.InputMismatchError` naming the input and what the graph expects.
 """
 
 from __future__ import annotations
 
 import threading
 
-from fastflow.export import RunnerCache, module_status
+from fastflow.sessions import RunnerCache, module_status
 from fastflow.hookspecs import hookimpl
 
 _SESSIONS = RunnerCache(4)
@@ -35,8 +35,9 @@ class OnnxRuntimeBackend:
     def load(self, model, device=None, dtype=None):
         import torch
 
-        from fastflow.export import InputMismatchError, read_export
-        from fastflow.models import ModelSpec
+        from fastflow.artifact import read_export
+        from fastflow.errors import InputMismatchError
+        from fastflow.modelspec import ModelSpec
 
         if isinstance(model, ModelSpec) or isinstance(model, torch.nn.Module) or (
                 callable(model) and not isinstance(model, (str, bytes))):
@@ -66,7 +67,8 @@ class OrtVelocity:
     """``(x, t, **conditioning) -> v`` for one ONNX Runtime session."""
 
     def __init__(self, exp, device):
-        from fastflow.export import ort_session, torch_dtype
+        from fastflow.artifact import torch_dtype
+        from fastflow.sessions import ort_session
 
         self.exp = exp
         self.device = device
@@ -99,7 +101,7 @@ class OrtVelocity:
         import numpy as np
         import torch
 
-        from fastflow.export import torch_dtype
+        from fastflow.artifact import torch_dtype
 
         index = self.device.index
         keep = []
@@ -133,7 +135,7 @@ def _np_dtype(np, name):
 
 
 def _device_error(name, tensor, device, exp):
-    from fastflow.export import InputMismatchError
+    from fastflow.errors import InputMismatchError
 
     return InputMismatchError(f"input '{name}' of {exp.file} is on {tensor.device}, but the session runs on "
                               f"{device}; move it with .to('{device}')")

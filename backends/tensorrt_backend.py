@@ -1,7 +1,7 @@
 """``tensorrt``: run an engine built by ``fastflow export --backend trt`` (NVIDIA GPU).
 
 ``load(model)`` takes the engine's export directory (or its ``model.plan``, or a
-:class:`fastflow.export.Exported`), refuses a stale engine (built by another TensorRT
+:class:`fastflow.artifact.Exported`), refuses a stale engine (built by another TensorRT
 version, for another GPU model, or from weights that changed since) with the command
 that rebuilds it, and returns ``velocity(x, t, **cond) -> v``: inputs and output are
 CUDA torch tensors, the engine runs on the current torch CUDA stream
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from fastflow.export import RunnerCache, module_status
+from fastflow.sessions import RunnerCache, module_status
 from fastflow.hookspecs import hookimpl
 
 _ENGINES = RunnerCache(2)
@@ -38,8 +38,9 @@ class TensorRTBackend:
     def load(self, model, device=None, dtype=None):
         import torch
 
-        from fastflow.export import InputMismatchError, read_export
-        from fastflow.models import ModelSpec
+        from fastflow.artifact import read_export
+        from fastflow.errors import InputMismatchError
+        from fastflow.modelspec import ModelSpec
 
         if isinstance(model, (ModelSpec, torch.nn.Module)) or (callable(model) and not isinstance(model, str)):
             name = model.name if isinstance(model, ModelSpec) else "NAME"
@@ -64,8 +65,8 @@ class TrtRunner:
     def __init__(self, exp, device, *, check: bool = True):
         import torch
 
-        from fastflow.export import (ArtifactError, ExportError, check_engine, gpu_identity, require_tensorrt,
-                                     trt_dtype_name)
+        from fastflow.errors import ArtifactError, ExportError
+        from fastflow.sessions import check_engine, gpu_identity, require_tensorrt, trt_dtype_name
 
         trt = require_tensorrt()
         self.exp, self.device, self.key = exp, device, exp.key
@@ -116,7 +117,7 @@ class TrtRunner:
     def __call__(self, x, t, **conditioning):
         import torch
 
-        from fastflow.export import InputMismatchError
+        from fastflow.errors import InputMismatchError
 
         tensors, dims = self.exp.bind(x, t, conditioning)
         batch = int(x.shape[0])

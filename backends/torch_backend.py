@@ -13,7 +13,7 @@ class TorchBackend:
         return True, ""
 
     def load(self, model, device=None, dtype=None):
-        from fastflow.models import ModelSpec
+        from fastflow.modelspec import ModelSpec
 
         if isinstance(model, ModelSpec):
             model = model.build()

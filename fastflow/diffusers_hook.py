@@ -17,9 +17,9 @@ one, else by call order within the step; one decision covers every branch of a s
 so the scheduler always sees a consistent step. Per-call state is reset between
 pipeline calls; the policy object (and what it learned) is kept.
 
-Only this module imports torch and diffusers; ``import fastflow`` stays light, and the
-helpers the CLI needs before it knows it has a pipeline (:func:`is_pipeline_dir`) import
-nothing heavy.
+Running a pipeline beside its unhooked self and reporting it is
+:mod:`fastflow.pipeline_run`'s job; torch and diffusers are imported inside functions,
+so ``import fastflow`` stays light.
 """
 
 from __future__ import annotations
@@ -27,25 +27,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import estimator
 from .controller import SkipController
-from .errors import FastFlowError, OptionError
+from .errors import OptionError
+from .jsonutil import jsonable
 from .policy import History, SampleContext
 
 HOOK_NAME = "fastflow"
 DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
 __all__ = [
-    "enable", "disable", "get_handle", "FastFlowHandle", "PipelineCall", "run_pipeline",
-    "is_pipeline_dir", "looks_like_pipeline", "HOOK_NAME",
+    "enable", "disable", "get_handle", "FastFlowHandle", "PipelineCall", "HOOK_NAME",
 ]
 
 
@@ -184,7 +182,7 @@ class FastFlowHandle:
         steps_mean = sum(c.steps for c in done) / len(done) if done else None
         return {
             "policy": self.policy_name,
-            "policy_options": _jsonable(self.policy.options()) if hasattr(self.policy, "options") else {},
+            "policy_options": jsonable(self.policy.options()) if hasattr(self.policy, "options") else {},
             "model_key": self.model_key,
             "denoisers": list(self.denoiser_names),
             "active": self.active,
@@ -659,292 +657,3 @@ def _model_key(pipe, denoiser) -> str:
     if name is None and isinstance(cfg, dict):
         name = cfg.get("_name_or_path")
     return f"{cls.__name__}:{name}" if name else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)) for k, v in d.items()}
-
-
-# -- the CLI's pipeline runner ---------------------------------------------------------------
-
-def is_pipeline_dir(path) -> bool:
-    """Whether ``path`` is a local diffusers pipeline folder (it holds ``model_index.json``)."""
-    try:
-        p = Path(path)
-        return p.is_dir() and (p / "model_index.json").is_file()
-    except (TypeError, OSError):
-        return False
-
-
-def looks_like_pipeline(ref: str) -> bool:
-    """A local pipeline folder, or a Hugging Face Hub id (``org/name``) that is not a local path.
-
-    Needs no network: a Hub id is recognised by its shape only.
-    """
-    if is_pipeline_dir(ref):
-        return True
-    if not isinstance(ref, str) or Path(ref).exists():
-        return False
-    parts = ref.split("/")
-    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and " " not in ref
-
-
-def _load_pipeline(model, device, dtype):
-    import torch
-    from diffusers import DiffusionPipeline
-
-    if isinstance(model, DiffusionPipeline):
-        return model, getattr(model.config, "_name_or_path", None) or type(model).__name__
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        try:
-            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                     "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-        except KeyError:
-            raise OptionError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}") from None
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise FastFlowError(f"cannot load a diffusers pipeline from {model!r}: {exc}") from None
-    pipe.to(device)
-    return pipe, str(model)
-
-
-def _call_kwargs(pipe, *, prompt, steps, guidance, negative_prompt, height, width, num_frames, image, extra):
-    import inspect
-
-    params = inspect.signature(pipe.__call__).parameters
-    kw: dict[str, Any] = {}
-
-    def put(name, value):
-        if value is None:
-            return
-        if name not in params:
-            raise OptionError(f"{type(pipe).__name__} takes no {name.replace('_', '-')} "
-                              f"(its options: {', '.join(p for p in params if p not in ('self', 'kwargs'))})")
-        kw[name] = value
-
-    put("prompt", prompt)
-    put("num_inference_steps", steps)
-    put("guidance_scale", guidance)
-    put("negative_prompt", negative_prompt)
-    put("height", height)
-    put("width", width)
-    put("num_frames", num_frames)
-    if image is not None:
-        if isinstance(image, (str, Path)):
-            from PIL import Image
-
-            image = Image.open(image).convert("RGB")
-        put("image", image)
-    for k, v in (extra or {}).items():
-        put(k, v)
-    if "output_type" in params:
-        kw["output_type"] = "np"
-    return kw, params
-
-
-def _output_array(result):
-    """(numpy array in [0, 1], is_video) from a pipeline output with output_type="np"."""
-    import numpy as np
-
-    if hasattr(result, "frames"):
-        frames = result.frames
-        arr = np.asarray(frames if not isinstance(frames, list) else np.stack([np.asarray(f) for f in frames]))
-        return arr, True
-    images = getattr(result, "images", None)
-    if images is None:
-        images = result[0]
-    if isinstance(images, list):
-        images = np.stack([np.asarray(i) for i in images])
-    return np.asarray(images), False
-
-
-def _save_outputs(arr, is_video: bool, out: Path, stem: str, fps: int) -> list[str]:
-    import numpy as np
-    from PIL import Image
-
-    files = []
-    arr = np.clip(np.nan_to_num(arr), 0.0, 1.0)
-    u8 = (arr * 255).round().astype("uint8")
-    for j, item in enumerate(u8):
-        if is_video:
-            if item.ndim == 4 and item.shape[-1] not in (1, 3, 4) and item.shape[1] in (1, 3, 4):
-                item = item.transpose(0, 2, 3, 1)  # (F, C, H, W) -> (F, H, W, C)
-            frames = [Image.fromarray(f.squeeze(-1) if f.shape[-1] == 1 else f) for f in item]
-            path = out / f"{stem}-{j}.gif"
-            frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
-        else:
-            if item.ndim == 3 and item.shape[0] in (1, 3, 4) and item.shape[-1] not in (1, 3, 4):
-                item = item.transpose(1, 2, 0)
-            path = out / f"{stem}-{j}.png"
-            Image.fromarray(item.squeeze(-1) if item.shape[-1] == 1 else item).save(path)
-        files.append(str(path))
-    return files
-
-
-def run_pipeline(
-    model,
-    prompt,
-    *,
-    policy: Any = "ucb",
-    policy_options: dict | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    guidance: float | None = None,
-    out_dir="fastflow-out",
-    state_path=None,
-    compare: bool = True,
-    negative_prompt=None,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    image=None,
-    runs: int = 1,
-    device=None,
-    dtype=None,
-    warmup: bool = True,
-    fps: int = 16,
-    extra: dict | None = None,
-) -> dict:
-    """Run a diffusers pipeline with a skip policy; write its images (or animated GIFs for
-    video pipelines) and ``summary.json`` to ``out_dir``; return the summary.
-
-    Args:
-        model: a pipeline folder (holding ``model_index.json``), a Hub id, or a loaded
-            ``DiffusionPipeline``.
-        prompt: the text prompt (or a list: one output each).
-        policy, policy_options: as for :func:`enable` (a name and its options, or an object).
-        steps: ``num_inference_steps`` (default: the pipeline's).
-        seed: seed of the run's generator; run ``i`` uses ``seed + i``.
-        guidance: the pipeline's ``guidance_scale`` (default: the pipeline's).
-        state_path: policy state file, loaded and saved back (``ucb``).
-        compare: also run the same seeds with the unhooked pipeline and report the
-            difference (PSNR over outputs in [0, 1], max abs error) and the wall speed-up.
-        negative_prompt, height, width, num_frames, image, extra: passed to the pipeline
-            (``image``: a path or PIL image, for editing pipelines); an argument the
-            pipeline does not take is an error naming the ones it takes.
-        runs: pipeline calls with the policy (the policy learns across them).
-        device, dtype: where and how to load a pipeline given by path (default: CUDA in
-            bf16 when available, else CPU in fp32).
-        warmup: one untimed short call first (lazy initialisation is not billed to either side).
-
-    Returns:
-        a dict with the keys of ``fastflow run --json``: policy, policy_options, model,
-        pipeline, steps, nfe_mean, nfe_full, speedup_nfe, wall_seconds, ms_per_eval, plus
-        per-run ``calls``, ``files``, ``out`` and, with ``compare``, psnr_db (None when
-        identical), max_abs_error, reference_wall_seconds, speedup_wall.
-    """
-    import torch
-
-    from .engine import resolve_policy
-    from .metrics import max_abs_error, psnr
-
-    if not isinstance(runs, int) or runs < 1:
-        raise OptionError(f"runs must be a positive integer, got {runs!r}")
-    options = dict(policy_options or {})
-    if state_path is not None:
-        if not isinstance(policy, str):
-            raise OptionError("state_path needs a policy name; pass state= to your policy object instead")
-        options["state"] = str(state_path)
-    try:
-        pol = resolve_policy(policy, **options)
-    except OptionError as exc:
-        if state_path is not None and "state" in str(exc):
-            raise OptionError(f"policy '{policy}' keeps no learned state; drop --state") from None
-        raise
-    pipe, model_name = _load_pipeline(model, device, dtype)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    kwargs, params = _call_kwargs(pipe, prompt=prompt, steps=steps, guidance=guidance,
-                                  negative_prompt=negative_prompt, height=height, width=width,
-                                  num_frames=num_frames, image=image, extra=extra)
-    gen_device = getattr(pipe, "device", torch.device("cpu"))
-    is_cuda = getattr(gen_device, "type", str(gen_device)) == "cuda"
-
-    def call(run_seed):
-        gen = torch.Generator(device=gen_device).manual_seed(run_seed)
-        started = time.perf_counter()
-        result = pipe(**kwargs, generator=gen)
-        arr, video = _output_array(result)  # output_type="np": already on the host
-        if is_cuda:
-            torch.cuda.synchronize()
-        return arr, video, time.perf_counter() - started
-
-    disable(pipe)
-    if warmup:
-        short = dict(kwargs, num_inference_steps=min(2, steps or 2)) if "num_inference_steps" in params else kwargs
-        gen = torch.Generator(device=gen_device).manual_seed(seed)
-        pipe(**short, generator=gen)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[str] = []
-    wall, ref_wall = 0.0, 0.0
-    psnrs, errs = [], []
-    is_video = False
-    records: list[PipelineCall] = []
-    for i in range(runs):
-        handle = enable(pipe, pol, autosave=False)
-        try:
-            arr, is_video, dt = call(seed + i)
-            rec = handle.last
-        finally:
-            disable(pipe)
-        if rec is None:
-            raise FastFlowError(f"{type(pipe).__name__} never called its denoiser; nothing to accelerate")
-        records.append(rec)
-        wall += dt
-        files += _save_outputs(arr, is_video, out, f"{'video' if is_video else 'image'}-{i}", fps)
-        if compare:
-            ref, _, rdt = call(seed + i)
-            ref_wall += rdt
-            files += _save_outputs(ref, is_video, out, f"reference-{i}", fps)
-            a, b = torch.from_numpy(arr.astype("float64")), torch.from_numpy(ref.astype("float64"))
-            psnrs.append(psnr(a, b, data_range=1.0))
-            errs.append(max_abs_error(a, b))
-    if state_path is not None:
-        pol.save(str(state_path))
-
-    nfes = [r.nfe for r in records]
-    nfe_mean = sum(nfes) / len(nfes)
-    full = records[-1].steps
-    summary: dict[str, Any] = {
-        "policy": getattr(pol, "name", type(pol).__name__),
-        "policy_options": _jsonable(pol.options()) if hasattr(pol, "options") else {},
-        "model": model_name,
-        "pipeline": type(pipe).__name__,
-        "scheduler": type(pipe.scheduler).__name__,
-        "prompt": prompt,
-        "steps": full,
-        "runs": runs,
-        "seed": seed,
-        "guidance": guidance,
-        "video": is_video,
-        "nfe": nfes,
-        "nfe_mean": nfe_mean,
-        "nfe_full": full,
-        "speedup_nfe": full / nfe_mean if nfe_mean else None,
-        "denoiser_calls": [r.denoiser_calls for r in records],
-        "wall_seconds": wall,
-        "ms_per_eval": 1000.0 * wall / max(sum(nfes), 1),
-        "calls": [r.as_dict(trace=True) for r in records],
-        "learned": pol.learned() if hasattr(pol, "learned") else None,
-    }
-    if compare:
-        worst = min(psnrs)
-        summary.update({
-            "psnr_db": worst if math.isfinite(worst) else None,
-            "max_abs_error": max(errs),
-            "reference_wall_seconds": ref_wall,
-            "speedup_wall": ref_wall / wall if wall > 0 else None,
-        })
-    if state_path is not None:
-        summary["state"] = str(state_path)
-    summary["files"] = files
-    summary["out"] = str(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary

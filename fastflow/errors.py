@@ -1,8 +1,16 @@
 """Errors that carry a message meant for the user: what is wrong and how to fix it."""
 
+import click
+
 
 class FastFlowError(Exception):
     """Base class; the CLI prints the message and exits with status 2 (usage error)."""
+
+
+class UsageFailure(click.ClickException):
+    """A user error on the command line: printed as ``Error: ...`` with exit status 2."""
+
+    exit_code = 2
 
 
 class UnknownNameError(FastFlowError, KeyError):
@@ -40,3 +48,29 @@ class NonFiniteError(FastFlowError, FloatingPointError):
 
 class DuplicateNameError(FastFlowError):
     """Two plugins registered the same name."""
+
+
+class ExportError(FastFlowError):
+    """An export or engine build that failed; nothing was written."""
+
+
+class ExportVerificationError(ExportError):
+    """The exported graph or engine disagrees with PyTorch beyond the tolerance."""
+
+
+class ArtifactError(FastFlowError):
+    """A missing, truncated or corrupt export directory, graph, engine or metadata file."""
+
+
+class StaleEngineError(ArtifactError):
+    """A TensorRT engine built by another TensorRT version, for another GPU or from
+    other weights. The message says how to rebuild it."""
+
+
+class InputMismatchError(FastFlowError, ValueError):
+    """An input whose name, shape or dtype the graph or engine does not accept."""
+
+
+class DenoiserInputError(InputMismatchError):
+    """A denoiser call that the exported graph/engine cannot take: another non-tensor
+    argument, a tensor it was not exported with, or a wrong rank, shape or dtype."""

@@ -12,11 +12,12 @@ name on stderr and recorded in ``fastflow plugins``; the rest keeps working.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -39,8 +40,8 @@ BUILTIN_PLUGINS = (
     "fastflow.models.analytic",
     "fastflow.models.glyphs",
     "fastflow.models.clips",
-    "fastflow.bench",
-    "fastflow.export",
+    "fastflow.commands.bench",
+    "fastflow.commands.export",
     "fastflow.generate_command",
 )
 
@@ -76,12 +77,34 @@ class Plugins:
     def __init__(self, *, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager("fastflow")
         self.pm.add_hookspecs(hookspecs)
+        self._calling: str | None = None  # the plugin whose hook implementation runs now
+        if os.environ.get("FASTFLOW_TRACE_PLUGINS"):
+            self._trace_to_stderr()
         self.info: dict[str, PluginInfo] = {}
         self._registries: dict[str, dict[str, Entry]] = {}
         for modname in BUILTIN_PLUGINS:
             self._load_module(modname, builtin=True)
         if load_entry_points:
             self._load_entry_points()
+
+    def _trace_to_stderr(self) -> None:
+        """FASTFLOW_TRACE_PLUGINS=1: every hook call, its implementations and its time."""
+        import time
+
+        started: dict = {}
+
+        def before(hook_name, impls, kwargs):
+            started[hook_name] = time.perf_counter()
+            names = ", ".join(i.plugin_name for i in reversed(impls))  # pluggy calls the last registered first
+            print(f"fastflow trace: {hook_name}({', '.join(kwargs)}) -> {names}", file=sys.stderr)
+
+        def after(outcome, hook_name, impls, kwargs):
+            ms = 1000 * (time.perf_counter() - started.pop(hook_name, time.perf_counter()))
+            err = outcome.exception
+            print(f"fastflow trace: {hook_name} done in {ms:.1f} ms" + (f", raised {err!r}" if err else ""),
+                  file=sys.stderr)
+
+        self.pm.add_hookcall_monitoring(before, after)
 
     # -- loading -----------------------------------------------------------------
     def _warn(self, message: str) -> None:
@@ -103,7 +126,7 @@ class Plugins:
             info.error = f"{type(exc).__name__}: {exc}"
             self._warn(f"plugin '{name}' failed to load: {info.error}")
             return
-        self.pm.register(module, name=name)
+        self._register(module, name)
 
     def _load_entry_points(self) -> None:
         from importlib.metadata import entry_points
@@ -131,21 +154,28 @@ class Plugins:
                 info.error = f"{type(exc).__name__}: {exc}"
                 self._warn(f"plugin '{ep.name}' (from {dist}) failed to load: {info.error}")
                 continue
-            self.pm.register(plugin, name=ep.name)
+            self._register(plugin, ep.name)
         if wanted:
             for name in sorted(wanted - seen - set(self.info)):
                 self._warn(f"FASTFLOW_LOAD_PLUGINS names '{name}', which is not an installed plugin")
 
-    # -- calling hooks, one implementation at a time -----------------------------
-    def _call_each(self, hook_name: str, make_kwargs: Callable[[str], dict]) -> None:
-        """Call every implementation of a hook separately, so each registration is
-        attributed to its plugin and an exception in one plugin spares the others."""
-        hook = getattr(self.pm.hook, hook_name)
-        for impl in hook.get_hookimpls():  # registration order
-            plugin_name = impl.plugin_name
-            kwargs = make_kwargs(plugin_name)
+    # -- calling hooks ---------------------------------------------------------------
+    # Hooks are called through pluggy (``self.pm.hook.<name>(...)``), so ordering,
+    # tryfirst/trylast, wrappers and hook-call monitoring work. Each implementation is
+    # wrapped once, when its plugin registers, so what it registers is attributed to its
+    # plugin and an exception in one plugin spares the others.
+    def _register(self, plugin, name: str) -> None:
+        self.pm.register(plugin, name=name)
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function = self._isolated(impl.function, name, caller.name)
+
+    def _isolated(self, fn, plugin_name: str, hook_name: str):
+        def call(*args):
+            outer, self._calling = self._calling, plugin_name
             try:
-                impl.function(**{a: kwargs[a] for a in impl.argnames})
+                return fn(*args)
             except DuplicateNameError:
                 raise
             except Exception as exc:
@@ -154,6 +184,11 @@ class Plugins:
                 if info is not None:
                     info.error = msg
                 self._warn(f"plugin '{plugin_name}' failed in {hook_name}: {msg}")
+                return None
+            finally:
+                self._calling = outer
+
+        return functools.wraps(fn)(call)
 
     def registry(self, kind: str) -> dict[str, Entry]:
         """Name → :class:`Entry` for ``kind`` in ``policies``, ``backends``, ``models``."""
@@ -161,8 +196,9 @@ class Plugins:
             return self._registries[kind]
         entries: dict[str, Entry] = {}
 
-        def make_kwargs(plugin_name: str) -> dict:
+        def make_register():
             def register(name_or_spec, obj=None, description: str = "", **extra) -> None:
+                plugin_name = self._calling or "?"
                 if kind == "models":  # register(spec)
                     spec = name_or_spec
                     name, obj, description = spec.name, spec, description or spec.description
@@ -171,10 +207,12 @@ class Plugins:
                 if not isinstance(name, str) or not name:
                     raise ValueError(f"{SINGULAR[kind]} name must be a non-empty string, got {name!r}")
                 if name in entries:
-                    other = entries[name].plugin
+                    order = list(self.info)  # registration order (pluggy calls the last first)
+                    first, second = sorted((entries[name].plugin, plugin_name),
+                                           key=lambda n: order.index(n) if n in order else len(order))
                     raise DuplicateNameError(
-                        f"{SINGULAR[kind]} '{name}' is registered by two plugins: '{other}' and "
-                        f"'{plugin_name}'. Uninstall one, or select plugins with "
+                        f"{SINGULAR[kind]} '{name}' is registered by two plugins: '{first}' and "
+                        f"'{second}'. Uninstall one, or select plugins with "
                         f"FASTFLOW_LOAD_PLUGINS."
                     )
                 entries[name] = Entry(kind, name, obj, plugin_name, description, extra)
@@ -182,9 +220,9 @@ class Plugins:
                 if info is not None:
                     info.registers[kind].append(name)
 
-            return {"register": register}
+            return register
 
-        self._call_each(f"register_{kind}", make_kwargs)
+        getattr(self.pm.hook, f"register_{kind}")(register=make_register())
         self._registries[kind] = entries
         return entries
 
@@ -195,33 +233,53 @@ class Plugins:
         return entries[name]
 
     def add_commands(self, cli) -> None:
-        """Let plugins add click commands; record which plugin added which."""
-        hook = self.pm.hook.register_commands
+        """Let plugins add click commands; record which plugin added which. A command
+        may not be replaced: fastflow's own win, else the first one registered, and the
+        other plugin is reported as failing, naming both."""
         owner = getattr(cli, "_fastflow_owners", None)  # command → plugin, kept across calls
         if owner is None:
             owner = cli._fastflow_owners = {}
         for name in cli.commands:
             owner.setdefault(name, "fastflow")  # the CLI's own commands
-        for impl in hook.get_hookimpls():
-            before = dict(cli.commands)
-            try:
-                impl.function(**({"cli": cli} if "cli" in impl.argnames else {}))
-                for name, cmd in before.items():  # a plugin may not replace another's command
-                    if cli.commands.get(name) is not cmd and owner.get(name) != impl.plugin_name:
-                        cli.commands[name] = cmd
-                        raise DuplicateNameError(
-                            f"command '{name}' is registered by two plugins: '{owner.get(name, '?')}' and "
-                            f"'{impl.plugin_name}'; the first one's is kept. Rename or uninstall one.")
-                for name in set(cli.commands) - set(before):
-                    owner[name] = impl.plugin_name
-            except Exception as exc:
-                msg = f"{type(exc).__name__}: {exc}"
-                if impl.plugin_name in self.info:
-                    self.info[impl.plugin_name].error = msg
-                self._warn(f"plugin '{impl.plugin_name}' failed in register_commands: {msg}")
-                continue
-            if impl.plugin_name in self.info:
-                self.info[impl.plugin_name].registers["commands"].extend(sorted(set(cli.commands) - set(before)))
+
+        class Guarded(dict):  # cli.commands while plugins add theirs
+            def __setitem__(d, name, cmd):
+                plugin = self._calling or "?"
+                if name in d and owner.get(name) != plugin:
+                    first = owner.get(name, "?")
+                    mine = self.info.get(plugin) is not None and self.info[plugin].builtin
+                    theirs = first == "fastflow" or (first in self.info and self.info[first].builtin)
+                    loser = first if (mine and not theirs) else plugin
+                    if loser == first:
+                        dict.__setitem__(d, name, cmd)
+                        owner[name] = plugin
+                        self._drop_command(first, name)
+                    self._conflict(loser, f"command '{name}' is registered by two plugins: '{first}' and "
+                                          f"'{plugin}'; {'the first' if loser == plugin else 'fastflow'}'s is kept. "
+                                          f"Rename or uninstall one.")
+                    return
+                dict.__setitem__(d, name, cmd)
+                owner[name] = plugin
+                if plugin in self.info:
+                    self.info[plugin].registers["commands"].append(name)
+
+        plain, cli.commands = cli.commands, Guarded(cli.commands)
+        try:
+            self.pm.hook.register_commands(cli=cli)
+        finally:
+            cli.commands = dict(cli.commands)
+        for info in self.info.values():
+            info.registers["commands"].sort()
+        del plain
+
+    def _drop_command(self, plugin: str, name: str) -> None:
+        if plugin in self.info and name in self.info[plugin].registers["commands"]:
+            self.info[plugin].registers["commands"].remove(name)
+
+    def _conflict(self, plugin: str, msg: str) -> None:
+        if plugin in self.info:
+            self.info[plugin].error = f"DuplicateNameError: {msg}"
+        self._warn(f"plugin '{plugin}' failed in register_commands: DuplicateNameError: {msg}")
 
     def _availability(self, backend: str) -> str | bool:
         """True, or why the backend cannot run here."""

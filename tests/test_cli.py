@@ -170,7 +170,7 @@ def test_the_installed_console_script(tmp_path):
 
 def test_run_a_diffusers_pipeline_folder(tmp_path):
     pytest.importorskip("transformers")
-    from fastflow.diffusers_tiny import tiny_pipeline
+    from diffusers_tiny import tiny_pipeline
 
     folder = tmp_path / "tiny-flux"
     tiny_pipeline("flux").save_pretrained(folder)
@@ -194,7 +194,7 @@ def test_demo_train_command_runs_a_tiny_training(tmp_path):
 def test_pipeline_denoiser_exported_and_swapped_in_from_the_cli(tmp_path):
     """fastflow export --prompt, then run --export: ONNX Runtime inside the diffusers loop."""
     pytest.importorskip("onnxruntime")
-    from fastflow.diffusers_tiny import tiny_pipeline
+    from diffusers_tiny import tiny_pipeline
 
     folder = tmp_path / "tiny-flux"
     tiny_pipeline("flux").save_pretrained(folder)
@@ -296,13 +296,13 @@ def test_a_16_bit_png_keeps_its_depth(tmp_path):
     from PIL import Image
 
     import fastflow
-    from fastflow.cli import _read_image
+    from fastflow.run_outputs import read_image
 
     path = tmp_path / "grey16.png"
     Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(path)
     with Image.open(path) as im:
         assert im.mode.startswith("I")  # really a 16-bit file
-    x = _read_image(str(path), fastflow.get_model("glyphs"))
+    x = read_image(str(path), fastflow.get_model("glyphs"))
     assert x.shape == (1, 3, 32, 32) and abs(float(x.mean())) < 0.01  # mid-grey, not clipped to white
 
 
@@ -351,3 +351,23 @@ def test_the_default_run_as_make_run_does_it(tmp_path):
     assert np.array_equal(np.load(tmp_path / "o" / "reference.npy"), np.load(tmp_path / "o2" / "reference.npy"))
     with Image.open(tmp_path / "o" / "grid.png") as im:
         assert im.size[0] >= 4 * 32 and im.size[1] >= 2 * 32  # accelerated and reference rows of 4 glyphs
+
+
+def test_models_and_pipelines_report_in_one_summary_schema(tmp_path):
+    """One run-and-compare path: the cost and comparison fields mean the same for a
+    registered model and for a diffusers pipeline (fastflow.compare builds both)."""
+    model = run_json(tmp_path, "--policy", "fixed", "--option", "skip=1")
+    result = invoke("run", "--prompt", "AB", "--steps", "8", "--policy", "fixed", "--option", "skip=1", "--json",
+                    "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    pipe = json.loads(result.output)
+    shared = ["policy", "policy_options", "backend", "model", "steps", "nfe_mean", "nfe_per_sample", "nfe_min",
+              "nfe_max", "nfe_full", "model_calls", "calibration_samples", "calibration_nfe",
+              "nfe_mean_after_calibration", "learned", "speedup_nfe", "wall_seconds", "ms_per_eval", "psnr_db",
+              "max_abs_error", "out"]
+    for s in (model, pipe):
+        missing = [k for k in shared if k not in s]
+        assert not missing, missing
+        assert s["speedup_nfe"] == s["nfe_full"] / s["nfe_mean"]
+    assert model["nfe_per_sample"] == [11] * 8 and model["nfe_full"] == 20  # 2 warm-up + 9 of the 18 skippable
+    assert pipe["nfe_per_sample"] == [5, 5] and pipe["nfe_full"] == 8  # one call, two glyphs, the same schedule

@@ -1,7 +1,7 @@
 """fastflow.enable(pipe, ...) on diffusers pipelines.
 
 Real pipeline classes (FLUX, FLUX Kontext, FLUX img2img, SD3, Wan, Chroma) with tiny,
-randomly initialised components built from configs (fastflow.diffusers_tiny): no
+randomly initialised components built from configs (tests/diffusers_tiny.py): no
 downloads. A toy pipeline loop checks the hook against fastflow.sample step for step.
 """
 
@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 
 import fastflow  # noqa: E402
 from fastflow import diffusers_hook as dh  # noqa: E402
+from fastflow import pipeline_run as pr  # noqa: E402
 
 STEPS = 8
 
@@ -300,7 +301,7 @@ def test_import_fastflow_stays_light():
 # -- real pipeline classes with tiny components -----------------------------------------
 
 pytest.importorskip("transformers")
-from fastflow.diffusers_tiny import tiny_inputs, tiny_pipeline  # noqa: E402
+from diffusers_tiny import tiny_inputs, tiny_pipeline  # noqa: E402
 
 _PIPES: dict = {}
 
@@ -454,11 +455,11 @@ def test_inference_mode_and_torch_compile():
 # -- the CLI's runner ------------------------------------------------------------------------
 
 def test_is_pipeline_dir(tmp_path):
-    assert not dh.is_pipeline_dir(tmp_path) and not dh.is_pipeline_dir(tmp_path / "missing")
+    assert not pr.is_pipeline_dir(tmp_path) and not pr.is_pipeline_dir(tmp_path / "missing")
     (tmp_path / "model_index.json").write_text("{}")
-    assert dh.is_pipeline_dir(tmp_path) and dh.is_pipeline_dir(str(tmp_path))
-    assert dh.looks_like_pipeline(str(tmp_path)) and dh.looks_like_pipeline("black-forest-labs/FLUX.1-dev")
-    assert not dh.looks_like_pipeline("gmm") and not dh.looks_like_pipeline(str(tmp_path / "nope"))
+    assert pr.is_pipeline_dir(tmp_path) and pr.is_pipeline_dir(str(tmp_path))
+    assert pr.looks_like_pipeline(str(tmp_path)) and pr.looks_like_pipeline("black-forest-labs/FLUX.1-dev")
+    assert not pr.looks_like_pipeline("gmm") and not pr.looks_like_pipeline(str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -466,13 +467,13 @@ def test_run_pipeline(tmp_path, family):
     if family == "flux":  # from a saved folder, as `fastflow run --model PATH` does
         model = tmp_path / "pipe"
         _pipe(family).save_pretrained(model)
-        assert dh.is_pipeline_dir(model)
+        assert pr.is_pipeline_dir(model)
         model = str(model)
     else:  # a loaded pipeline (Wan needs accelerate to load from a folder)
         model = _pipe(family)
     inputs = tiny_inputs(family)
     size = {k: inputs[k] for k in ("height", "width", "num_frames") if k in inputs}
-    summary = dh.run_pipeline(
+    summary = pr.run_pipeline(
         model, "a photo of a cat", policy="fixed", policy_options={"skip": "2"}, steps=STEPS,
         seed=3, out_dir=tmp_path / "out", compare=True, warmup=False, extra={"max_sequence_length": 16},
         **size,
@@ -493,14 +494,14 @@ def test_run_pipeline_state_and_errors(tmp_path):
     state = tmp_path / "ucb.json"
     common = dict(steps=STEPS, out_dir=tmp_path / "o", warmup=False, height=8, width=8,
                   extra={"max_sequence_length": 16})
-    s = dh.run_pipeline(pipe, "a cat", policy="ucb-paper", state_path=state, runs=3, compare=False, **common)
+    s = pr.run_pipeline(pipe, "a cat", policy="ucb-paper", state_path=state, runs=3, compare=False, **common)
     assert s["nfe"][0] == STEPS and s["nfe"][-1] < STEPS and "psnr_db" not in s
     assert json.loads(state.read_text())["samples"] == 3
     assert dh.get_handle(pipe) is None
     with pytest.raises(fastflow.OptionError, match="keeps no learned state"):
-        dh.run_pipeline(pipe, "a cat", policy="fixed", state_path=state, **common)
+        pr.run_pipeline(pipe, "a cat", policy="fixed", state_path=state, **common)
     with pytest.raises(fastflow.OptionError, match="num-frames"):
-        dh.run_pipeline(pipe, "a cat", policy="fixed", num_frames=5, **common)
+        pr.run_pipeline(pipe, "a cat", policy="fixed", num_frames=5, **common)
 
 
 def test_wan22_two_experts_share_one_handle():

@@ -174,7 +174,7 @@ def test_pipeline_inputs_and_outputs(pipe):
 
 
 def test_run_pipeline(pipe, tmp_path):
-    from fastflow.diffusers_hook import run_pipeline
+    from fastflow.pipeline_run import run_pipeline
 
     s = run_pipeline(pipe, "A", policy="fixed", policy_options={"skip": 2}, steps=STEPS, out_dir=tmp_path)
     assert s["pipeline"] == "GlyphPipeline" and s["nfe"] == [5] and s["nfe_full"] == STEPS

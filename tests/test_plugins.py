@@ -1,6 +1,9 @@
 """Plugin discovery: built-ins, entry points, FASTFLOW_LOAD_PLUGINS, failures, duplicates."""
 
 import importlib.metadata
+import os
+import subprocess
+import sys
 import json
 import re
 import types
@@ -220,3 +223,58 @@ def test_a_builtin_that_fails_to_import_is_an_error(monkeypatch):
     monkeypatch.setattr(plugins_mod, "BUILTIN_PLUGINS", plugins_mod.BUILTIN_PLUGINS + ("fastflow.policies.nope",))
     with pytest.raises(FastFlowError, match="fastflow's own module fastflow.policies.nope failed to import"):
         plugins_mod.Plugins(load_entry_points=False)
+
+
+def test_hooks_run_through_pluggy_so_wrappers_and_tryfirst_work(fake_eps, monkeypatch):
+    """A plugin's hook wrapper sees every implementation's call; tryfirst runs first."""
+    monkeypatch.delenv("FASTFLOW_LOAD_PLUGINS", raising=False)
+    seen = []
+    mod = types.ModuleType("wrapping")
+
+    @fastflow.hookimpl(wrapper=True)
+    def register_policies(register):
+        seen.append("before")
+        result = yield
+        seen.append("after")
+        return result
+
+    mod.register_policies = register_policies
+    first = plugin_module("early", policy_name="early")
+    first.register_policies.fastflow_impl["tryfirst"] = True
+    order = []
+    wrapped = first.register_policies
+
+    def early(register):
+        order.append("early")
+        wrapped(register)
+
+    early.fastflow_impl = dict(wrapped.fastflow_impl)
+    first.register_policies = early
+    late = plugin_module("late", policy_name="late")
+    inner = late.register_policies
+
+    def late_impl(register):
+        order.append("late")
+        inner(register)
+
+    late_impl.fastflow_impl = dict(inner.fastflow_impl)
+    late.register_policies = late_impl
+    fake_eps += [FakeEP("early", first, dist="d-early"), FakeEP("wrapping", mod, dist="d-wrap"),
+                 FakeEP("late", late, dist="d-late")]
+    policies = get_plugins().registry("policies")
+    assert {"early", "late"} <= set(policies) and policies["early"].plugin == "early"
+    assert seen == ["before", "after"]  # one hook call, wrapped once
+    assert order[0] == "early"  # tryfirst, although registered before "late" (pluggy calls the last first)
+
+
+def test_fastflow_trace_plugins_prints_every_hook_call(tmp_path):
+    env = {**os.environ, "FASTFLOW_TRACE_PLUGINS": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from fastflow.cli import main; main()", "policies"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "fastflow trace: register_policies(register) -> " in proc.stderr
+    assert "fastflow.policies.ucb" in proc.stderr and "register_policies done in" in proc.stderr
+    quiet = subprocess.run([sys.executable, "-c", "from fastflow.cli import main; main()", "policies"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60, env={k: v for k, v in os.environ.items()
+                                                          if k != "FASTFLOW_TRACE_PLUGINS"})
+    assert "fastflow trace" not in quiet.stderr

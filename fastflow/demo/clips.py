@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from fastflow.models import check_labels
+from fastflow.modelspec import check_labels
 
 FRAMES, SIZE, CHANNELS, DIRECTIONS = 8, 16, 3, 8
 NULL_LABEL = DIRECTIONS

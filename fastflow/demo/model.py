@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastflow.models import check_labels
+from fastflow.modelspec import check_labels
 from . import DEFAULT_WEIGHTS_DIR, NULL_LABEL, NUM_CLASSES, DemoModelError
 
 FORMAT = "fastflow-glyph-flow"

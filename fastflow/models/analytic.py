@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from fastflow.hookspecs import hookimpl
-from fastflow.models import ModelSpec, check_labels
+from fastflow.modelspec import ModelSpec, check_labels
 
 
 class GaussianMixtureFlow:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from fastflow.hookspecs import hookimpl
-from fastflow.models import ModelSpec
+from fastflow.modelspec import ModelSpec
 
 DIRECTIONS = ["right", "up-right", "up", "up-left", "left", "down-left", "down", "down-right"]
 

@@ -8,7 +8,7 @@ import json
 import os
 
 from fastflow.hookspecs import hookimpl
-from fastflow.models import ModelSpec
+from fastflow.modelspec import ModelSpec
 
 CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

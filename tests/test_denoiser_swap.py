@@ -1,5 +1,5 @@
 """A diffusers pipeline's denoiser exported to ONNX and swapped for an ONNX Runtime shim
-(fastflow.pipeline_backends): the glyph pipeline and a tiny FLUX pipeline, with and
+(fastflow.denoiser_export, fastflow.denoiser_swap): the glyph pipeline and a tiny FLUX pipeline, with and
 without fastflow's hook; restore; calls the export cannot take."""
 
 import json
@@ -19,9 +19,9 @@ import fastflow  # noqa: E402
 from fastflow.errors import FastFlowError, MissingDependencyError  # noqa: E402
 from fastflow.export import METADATA_NAME, ArtifactError  # noqa: E402
 from fastflow.metrics import psnr  # noqa: E402
-from fastflow.pipeline_backends import (  # noqa: E402
-    DenoiserInputError, export_denoiser, is_denoiser_export, restore_denoiser, swap_denoiser,
-)
+from fastflow.denoiser_export import export_denoiser, is_denoiser_export  # noqa: E402
+from fastflow.denoiser_swap import restore_denoiser, swap_denoiser  # noqa: E402
+from fastflow.errors import DenoiserInputError  # noqa: E402
 
 STEPS = 8
 
@@ -65,7 +65,7 @@ def glyph(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     pytest.importorskip("transformers")
-    from fastflow.diffusers_tiny import tiny_inputs, tiny_pipeline
+    from diffusers_tiny import tiny_inputs, tiny_pipeline
 
     torch.set_num_threads(1)
     pipe = tiny_pipeline("flux")
@@ -160,7 +160,7 @@ def test_bad_inputs(glyph, flux):
         restore_denoiser(pipe)
 
     fpipe, fexp, _, _ = flux
-    from fastflow.diffusers_tiny import tiny_inputs
+    from diffusers_tiny import tiny_inputs
 
     swap_denoiser(fpipe, fexp.dir)
     try:  # another resolution: the export holds one

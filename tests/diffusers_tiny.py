@@ -6,7 +6,7 @@ vocabulary written here. The outputs are noise-like pictures; what matters is th
 pipelines run their real code paths (schedulers, guidance, packing, VAE decode) in well
 under a second on a CPU.
 
->>> from fastflow.diffusers_tiny import tiny_pipeline, tiny_inputs
+>>> from diffusers_tiny import tiny_pipeline, tiny_inputs
 >>> pipe = tiny_pipeline("flux")                                 # doctest: +SKIP
 >>> pipe(**tiny_inputs("flux"), num_inference_steps=8).images.shape   # doctest: +SKIP
 (1, 8, 8, 3)
