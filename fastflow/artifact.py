@@ -24,7 +24,6 @@ FORMAT_VERSION = 1
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.plan"
 BATCH_DIM = "batch"
-DEFAULT_MODEL = "glyphs"
 ONNX_REQUIRES = "pip install 'fastflow[onnx]'"
 ONNX_GPU_REQUIRES = "pip install 'fastflow[onnx-gpu]'"
 TRT_REQUIRES = "pip install 'fastflow[trt]'"

@@ -237,10 +237,9 @@ PSNR_CAP_DB = 100.0  # identical outputs would be +inf; JSON has no inf
 
 
 def _psnr_per_sample(a, b, data_range):
-    import torch
+    from .metrics import psnr_per_sample
 
-    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-30))).clamp_max(PSNR_CAP_DB).tolist()
+    return psnr_per_sample(a, b, data_range).clamp_max(PSNR_CAP_DB).tolist()
 
 
 def _quality(x, ref, ode, ctx: Ctx, evaluator) -> dict:

@@ -73,6 +73,19 @@ class PolicyRun:
         pass
 
 
+class PlannedRun(PolicyRun):
+    """A run that follows a plan made before the sample: ``plan[k]`` steps skipped
+    from step ``k`` (``fixed``, and ``planned`` once it has calibrated)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan):
+        self.plan = plan
+
+    def decide(self, k: int, hist: History) -> int:
+        return self.plan[k]
+
+
 class Policy:
     """Base class of skip policies.
 

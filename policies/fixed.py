@@ -4,17 +4,7 @@ from __future__ import annotations
 
 from fastflow.errors import OptionError
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_int, opt_int_list, skips_until_computed
-
-
-class _FixedRun(PolicyRun):
-    __slots__ = ("plan",)
-
-    def __init__(self, plan):
-        self.plan = plan
-
-    def decide(self, k, hist):
-        return self.plan[k]
+from fastflow.policy import PlannedRun, Policy, opt_int, opt_int_list, skips_until_computed
 
 
 class FixedPolicy(Policy):
@@ -48,7 +38,7 @@ class FixedPolicy(Policy):
         return plan
 
     def start(self, ctx):
-        return _FixedRun(self._plan(ctx.steps))
+        return PlannedRun(self._plan(ctx.steps))
 
     def options(self):
         extra = {"skip": self.skip} if self.compute is None else {"compute": self.compute}

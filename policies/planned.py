@@ -25,7 +25,7 @@ import math
 from fastflow import estimator
 from fastflow.errors import OptionError, StateFileError
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_float, opt_int, skips_until_computed
+from fastflow.policy import PlannedRun, Policy, PolicyRun, opt_float, opt_int, skips_until_computed
 from fastflow.state import read_state, write_state
 
 
@@ -42,16 +42,6 @@ class _Calibration(PolicyRun):
     def close(self, ok=True):
         if ok and len(self.vs) == len(self.ts) - 1:
             self.policy._add_calibration(run_costs(self.vs, self.ts, self.policy.max_skip))
-
-
-class _Follow(PolicyRun):
-    __slots__ = ("skips",)
-
-    def __init__(self, skips):
-        self.skips = skips
-
-    def decide(self, k, hist):
-        return self.skips[k]
 
 
 def run_costs(vs, ts, max_skip: int) -> dict:
@@ -158,7 +148,7 @@ class PlannedPolicy(Policy):
                               f"{key}. Use a fresh policy for another model or schedule.")
         if self._skips is None:
             return _Calibration(self, ctx.timesteps)
-        return _Follow(self._skips)
+        return PlannedRun(self._skips)
 
     def _add_calibration(self, costs: dict) -> None:
         for k, v in costs.items():

@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-NUM_CLASSES = 36
+NUM_CLASSES = len(CHARS)
 #: label used for the unconditional branch of classifier-free guidance
-NULL_LABEL = 36
+NULL_LABEL = NUM_CLASSES
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: directory of the embedded flow model weights

@@ -29,8 +29,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-NUM_CLASSES = len(CHARS)
+from . import CHARS, NUM_CLASSES  # the one alphabet
+
 IMAGE_SIZE = 32
 
 FLOW_TRAIN_SEED = 0

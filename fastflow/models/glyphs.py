@@ -10,7 +10,7 @@ import os
 from fastflow.hookspecs import hookimpl
 from fastflow.modelspec import ModelSpec
 
-CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+from fastflow.demo import CHARS  # the one alphabet (the demo package imports nothing heavy)
 
 
 def weights_key(directory: str) -> str:
