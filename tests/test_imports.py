@@ -136,3 +136,19 @@ def test_the_walk_sees_function_local_imports():
     targets = {t for t, _, _ in graph["fastflow.commands.run"]}
     assert "fastflow.pipeline_run" in targets  # imported inside a function there
     assert _layer("fastflow.policies.ucb") == 3 and _layer("fastflow.commands.run") == 7
+
+
+def test_import_fastflow_and_the_cli_help_stay_light(tmp_path):
+    """No torch, diffusers or onnx behind `import fastflow` or `fastflow --help` (the
+    commands import them where they sample)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "import fastflow, fastflow.cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    fastflow.cli.cli.main(['--help'], standalone_mode=False)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'onnx', 'onnxruntime', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
