@@ -47,6 +47,17 @@ class Settings:
     guidance: float | None = None
     batch_size: int = 16
     state: str | None = None
+    pipeline: bool = False  # prompts through a diffusers pipeline (fastflow/generate_pipeline.py)
+
+    def spec(self):
+        """The registered model (a ModelSpec), or for a pipeline its stand-in."""
+        if self.pipeline:
+            from .generate_pipeline import pipeline_spec
+
+            return pipeline_spec(self.model)
+        from .models import resolve_model
+
+        return resolve_model(self.model)
 
     def identity(self, spec) -> dict:
         """What a folder's images were made with; a resume must match it."""
@@ -84,8 +95,8 @@ def prepare_out(out_dir, identity: dict) -> Path:
             raise OptionError(f"--out {out_dir} holds images made with other settings ({', '.join(diff) or SETTINGS_FILE}"
                               f" differ); resume with the same command, or pass another --out")
     else:
-        _atomic_write(pinned, json.dumps(identity, indent=1, sort_keys=True).encode())
-    for stale in (out / MANIFEST).glob(".*.tmp"):
+        atomic_write(pinned, json.dumps(identity, indent=1, sort_keys=True).encode())
+    for stale in [*(out / MANIFEST).glob(".*.tmp"), *(out / IMAGES).glob(".*.tmp")]:  # a killed run's
         stale.unlink(missing_ok=True)
     return out
 
@@ -121,7 +132,7 @@ def batch_path(out: Path, ids: list[str]) -> Path:
     return out / MANIFEST / f"{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:24]}.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -155,11 +166,55 @@ def write_sample(out: Path, spec, job_id: str, x) -> str:
     else:
         np.save(buf, arr)
         name = f"{job_id}.npy"
-    _atomic_write(out / IMAGES / name, buf.getvalue())
+    atomic_write(out / IMAGES / name, buf.getvalue())
     return f"{IMAGES}/{name}"
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def already_committed(out: Path, jobs: list[dict]) -> dict | None:
+    """A batch's result if its manifest entry exists (a retried task), else None."""
+    commit = batch_path(out, [j["id"] for j in jobs])
+    if not commit.exists():
+        return None
+    return {"rows": json.loads(commit.read_text())["rows"], "seconds": 0.0, "calibration": 0, "already": True}
+
+
+def commit_batch(out: Path, jobs: list[dict], rows: list[dict], die_once: str | None = None) -> None:
+    """The commit: the batch's files are made durable, then its manifest entry is written."""
+    _fsync_dir(out / IMAGES)
+    if die_once:  # crash tests: the files are written, the batch is not committed
+        _die_once(die_once)
+    atomic_write(batch_path(out, [j["id"] for j in jobs]), json.dumps({"rows": rows}).encode())
+    _fsync_dir(out / MANIFEST)
+
+
+def _die_once(marker: str) -> None:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # one process, once
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os._exit(17)
+
+
 # -- one batch ------------------------------------------------------------------------------
+
+def make_step(settings: Settings, out, policy=None, die_once: str | None = None):
+    """The batch step of this process: a model's (:class:`BatchStep`) or a pipeline's."""
+    if settings.pipeline:
+        from .generate_pipeline import PipelineStep
+
+        return PipelineStep(settings, out, policy=policy, die_once=die_once)
+    return BatchStep(settings, out, policy=policy, die_once=die_once)
+
 
 def make_policy(settings: Settings):
     import fastflow
@@ -207,27 +262,16 @@ class BatchStep:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _die_once(self) -> None:
-        try:
-            fd = os.open(self.die_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # one process, once
-        except FileExistsError:
-            return
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os._exit(17)
-
     def __call__(self, jobs: list[dict]) -> dict:
         """Sample, write, commit. A batch already committed (a retried task) is not redone."""
         import torch
 
         import fastflow
 
+        done = already_committed(self.out, jobs)
+        if done is not None:
+            return done
         started = time.perf_counter()
-        ids = [j["id"] for j in jobs]
-        commit = batch_path(self.out, ids)
-        if commit.exists():
-            return {"rows": json.loads(commit.read_text())["rows"], "seconds": 0.0,
-                    "calibration": 0, "already": True}
         spec = self.spec
         noise = torch.stack([torch.randn(spec.shape, generator=torch.Generator().manual_seed(j["seed"]))
                              for j in jobs]).to(self.device)  # each job's own seed, on the CPU
@@ -246,9 +290,7 @@ class BatchStep:
             rows.append({"id": j["id"], "seed": j["seed"], "label": j["label"], "label_name": name,
                          "prompt": j["prompt"], "policy": self.settings.policy, "nfe": int(nfe),
                          "file": write_sample(self.out, spec, j["id"], x)})
-        if self.die_once:  # crash tests: the files are written, the batch is not committed
-            self._die_once()
-        _atomic_write(commit, json.dumps({"rows": rows}).encode())
+        commit_batch(self.out, jobs, rows, self.die_once)
         return {"rows": rows, "seconds": time.perf_counter() - started, "calibration": res.calibration_samples,
                 "already": False}
 
@@ -259,14 +301,12 @@ def run_in_process(settings: Settings, jobs: list[dict], out_dir, *, say=None) -
     """Generate every pending job in this process, batch by batch; a line per batch to ``say``."""
     require_pyarrow()
     say = say or (lambda msg: print(f"fastflow: {msg}", file=sys.stderr, flush=True))
-    from .models import resolve_model
-
     policy = make_policy(settings)
-    if settings.state is not None:  # before the model loads: a state file for another model fails now
-        check_state_key(policy, settings, resolve_model(settings.model))
+    if settings.state is not None and not settings.pipeline:  # before the model loads: a state
+        check_state_key(policy, settings, settings.spec())  # file for another model fails now
     out = Path(out_dir)
     todo = pending_jobs(jobs, committed_rows(out))
-    step = BatchStep(settings, out, policy=policy, die_once=os.environ.get(DIE_ONCE_ENV))
+    step = make_step(settings, out, policy=policy, die_once=os.environ.get(DIE_ONCE_ENV))
     bs = settings.batch_size
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     say(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {out}; making {len(todo)} in "

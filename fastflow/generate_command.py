@@ -44,6 +44,9 @@ def register_commands(cli):
                   help="Number of images (default: one per label).")
     @click.option("--jobs", "jobs_file", default=None, type=click.Path(dir_okay=False),
                   help='JSONL, one job per line: {"label": "A", "seed": 7, "id": "optional"}.')
+    @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+                  help="Text file, one prompt per line: --model is then a diffusers pipeline (a folder or Hub id; "
+                       "'glyphs': the embedded glyph pipeline) accelerated with fastflow.enable.")
     @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**62),
                   help="Seed of the first job with --labels (job i has seed SEED+i).")
     @click.option("--policy", default="ucb", show_default=True, help="Skip policy; `fastflow policies` lists them.")
@@ -69,7 +72,7 @@ def register_commands(cli):
     @click.option("--share/--no-share", default=True, show_default=True,
                   help="With --ray: pool the workers' learning (--no-share: each worker learns alone).")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-    def generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, options, backend, steps, solver,
+    def generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file, seed, policy, options, backend, steps, solver,
                  shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, share, as_json):
         """Generate a data set: every image a PNG, a metadata.parquet row per image.
 
@@ -94,12 +97,15 @@ def register_commands(cli):
                                      "everything runs in this process")
         if ray_address is None and (sync_every != 1 or not share):
             raise GenerateUsageError("--sync-every and --no-share need --ray: they set how workers merge learning")
-        if jobs_file is not None and (label_spec is not None or samples is not None):
-            raise GenerateUsageError("--jobs lists every job; drop --labels/--samples (or drop --jobs)")
+        if jobs_file is not None and (label_spec is not None or samples is not None or prompts_file is not None):
+            raise GenerateUsageError("--jobs lists every job; drop --labels/--samples/--prompts (or drop --jobs)")
+        if prompts_file is not None and label_spec is not None:
+            raise GenerateUsageError("--prompts and --labels exclude each other: a pipeline takes prompts, "
+                                     "a registered model labels")
         if guidance is not None and not math.isfinite(guidance):
             raise GenerateUsageError(f"--guidance must be a finite number, got {guidance}")
         try:
-            summary = _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, opts, backend,
+            summary = _generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file, seed, policy, opts, backend,
                                 steps, solver, shift, guidance, batch_size, state_path, ray_address, workers,
                                 threads, sync_every, share, as_json)
         except FastFlowError as exc:
@@ -113,12 +119,11 @@ def register_commands(cli):
                 click.echo(line)
 
 
-def _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy, opts, backend, steps, solver,
+def _generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file, seed, policy, opts, backend, steps, solver,
               shift, guidance, batch_size, state_path, ray_address, workers, threads, sync_every, share, quiet):
     import fastflow
     from .generate import Settings, prepare_out, require_pyarrow, run_in_process
     from .generate_jobs import check_ids, label_jobs, parse_labels, read_jobs
-    from .models import resolve_model
     from .state import check_writable
 
     if ray_address is not None:
@@ -126,10 +131,22 @@ def _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy,
 
         require_ray()  # before any work: the pip command if Ray is missing
     require_pyarrow()
-    spec = resolve_model(model_name)
-    if guidance is not None and spec.null_label is None:
+    settings = Settings(model=model_name, policy=policy, options=opts, backend=backend, steps=steps, solver=solver,
+                        shift=shift, guidance=guidance, batch_size=batch_size, state=state_path,
+                        pipeline=prompts_file is not None)
+    spec = settings.spec()
+    if not settings.pipeline and guidance is not None and spec.null_label is None:
         raise GenerateUsageError(f"model '{spec.name}' has no unconditional branch; drop --guidance")
-    if jobs_file is not None:
+    if settings.pipeline:
+        from .generate_pipeline import prompt_jobs, read_prompts
+
+        if backend != "torch" or solver != "euler" or shift is not None:
+            raise GenerateUsageError("with --prompts the pipeline's own scheduler and denoiser run: drop "
+                                     "--backend/--solver/--shift")
+        prompts = read_prompts(prompts_file)
+        jobs = prompt_jobs(prompts, samples or len(prompts), seed)
+        source = f"--prompts {prompts_file}"
+    elif jobs_file is not None:
         jobs = read_jobs(jobs_file, spec)
         source = f"--jobs {jobs_file}"
     else:
@@ -138,8 +155,6 @@ def _generate(out_dir, model_name, label_spec, samples, jobs_file, seed, policy,
         jobs = label_jobs(spec, labels, n, seed)
         source = "--labels/--seed"
     check_ids(jobs, source)
-    settings = Settings(model=model_name, policy=policy, options=opts, backend=backend, steps=steps, solver=solver,
-                        shift=shift, guidance=guidance, batch_size=batch_size, state=state_path)
     fastflow.get_policy(policy, **opts)  # unknown policies and options fail here, before any work
     fastflow.get_backend(backend)
     if state_path is not None:

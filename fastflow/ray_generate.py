@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from .errors import MissingDependencyError
-from .generate import (DIE_ONCE_ENV, BatchStep, Settings, check_state_key, committed_rows, finish,
-                       make_policy, pending_jobs, require_pyarrow, settings_dict)
+from .generate import (DIE_ONCE_ENV, Settings, check_state_key, committed_rows, finish, make_policy, make_step,
+                       pending_jobs, require_pyarrow, settings_dict)
 
 
 def require_ray():
@@ -71,7 +71,7 @@ class GenerateWorker:
         import torch
 
         torch.set_num_threads(threads)
-        self.step = BatchStep(Settings(**settings), out, die_once=die_once)
+        self.step = make_step(Settings(**settings), out, die_once=die_once)
         self.policy = self.step.policy
         self.store = store if getattr(self.policy, "mergeable", False) else None
         self.sync_every = sync_every
@@ -112,11 +112,9 @@ def run_on_ray(settings: Settings, jobs: list[dict], out_dir, *, address: str = 
     ray = require_ray()
     require_pyarrow()
     say = say or (lambda msg: print(f"fastflow: {msg}", file=sys.stderr, flush=True))
-    from .models import resolve_model
-
-    spec = resolve_model(settings.model)
+    spec = settings.spec()
     policy = make_policy(settings)  # the driver's copy: it absorbs the total and saves it
-    if settings.state is not None:
+    if settings.state is not None and not settings.pipeline:
         check_state_key(policy, settings, spec)
     out = Path(out_dir).resolve()
     todo = pending_jobs(jobs, committed_rows(out))
@@ -187,6 +185,7 @@ def _run(ray, settings, spec, policy, jobs, todo, out, workers, threads, sync_ev
         if settings.state is not None:
             policy.save(settings.state)
         merge.update(ray.get(store.stats.remote()))
+        ray.kill(store)  # the run's merged learning is saved; the actor ends with the run
     batches = sorted((b for b in log.values() if b["images"]), key=lambda b: b["t"])
     rounds = [b["merge_seconds"] for b in batches if b["merge_seconds"] > 0]
     if rounds:

@@ -252,3 +252,22 @@ def test_run_in_process_reports_throughput_and_the_state(tmp_path):
     assert s["images"] == 24 and s["images_per_s"] > 0 and s["calibration_samples"] == 1
     assert s["nfe_mean"] == pytest.approx(sum(r["nfe"] for r in table(tmp_path / "o")) / 24)
     assert s["speedup_nfe"] > 2 and Path(s["state"]).is_file()
+
+
+@pytest.mark.slow  # loads the glyph pipeline
+def test_prompts_through_a_pipeline_become_pngs_with_their_nfe(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "prompts.txt").write_text("A\n\n7\n")
+    args = ["--out", "set", "--model", "glyphs", "--prompts", "prompts.txt", "--samples", "4", "--batch-size", "2",
+            "--steps", "20", "--policy", "fixed", "--option", "skip=2", "--json"]
+    res = invoke(args, tmp_path)
+    assert res.exit_code == 0, res.output
+    rows = table(tmp_path / "set")
+    assert [(r["prompt"], r["seed"]) for r in rows] == [("A", 0), ("7", 1), ("A", 2), ("7", 3)]
+    assert [r["nfe"] for r in rows] == [8] * 4  # fixed skip=2 on 20 steps through the pipeline hook
+    with Image.open(tmp_path / "set" / rows[0]["file"]) as im:
+        assert im.size == (32, 32)
+    assert json.loads(res.stdout)["images"] == 4
+    res = invoke(["--out", "other", "--model", "glyphs", "--prompts", "prompts.txt", "--labels", "A"], tmp_path)
+    assert res.exit_code == 2 and "exclude each other" in res.output
