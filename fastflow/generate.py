@@ -52,9 +52,7 @@ class Settings:
     def spec(self):
         """The registered model (a ModelSpec), or for a pipeline its stand-in."""
         if self.pipeline:
-            from .generate_pipeline import pipeline_spec
-
-            return pipeline_spec(self.model)
+            return PipelineSpec(name=str(self.model), key=f"pipeline:{self.model}")
         from .models import resolve_model
 
         return resolve_model(self.model)
@@ -70,6 +68,18 @@ class Settings:
 
     def resolved_guidance(self, spec):
         return spec.default_guidance if self.guidance is None else self.guidance
+
+
+@dataclass
+class PipelineSpec:
+    """What the runners need to know of a diffusers pipeline (a ModelSpec's stand-in)."""
+
+    name: str
+    key: str
+    default_shift: float | None = None
+    default_guidance: float | None = None
+    num_labels: int = 0
+    label_names: list = field(default_factory=list)
 
 
 # -- the output folder and its manifest --------------------------------------------------------
@@ -207,15 +217,6 @@ def _die_once(marker: str) -> None:
 
 # -- one batch ------------------------------------------------------------------------------
 
-def make_step(settings: Settings, out, policy=None, die_once: str | None = None):
-    """The batch step of this process: a model's (:class:`BatchStep`) or a pipeline's."""
-    if settings.pipeline:
-        from .generate_pipeline import PipelineStep
-
-        return PipelineStep(settings, out, policy=policy, die_once=die_once)
-    return BatchStep(settings, out, policy=policy, die_once=die_once)
-
-
 def make_policy(settings: Settings):
     import fastflow
 
@@ -297,8 +298,10 @@ class BatchStep:
 
 # -- the in-process runner ------------------------------------------------------------------------
 
-def run_in_process(settings: Settings, jobs: list[dict], out_dir, *, say=None) -> dict:
-    """Generate every pending job in this process, batch by batch; a line per batch to ``say``."""
+def run_in_process(settings: Settings, jobs: list[dict], out_dir, *, say=None, make_step=None) -> dict:
+    """Generate every pending job in this process, batch by batch; a line per batch to ``say``.
+    ``make_step(settings, out, policy=, die_once=)`` builds the batch step (default
+    :class:`BatchStep`; :func:`fastflow.generate_pipeline.make_step` also takes pipelines)."""
     require_pyarrow()
     say = say or (lambda msg: print(f"fastflow: {msg}", file=sys.stderr, flush=True))
     policy = make_policy(settings)
@@ -306,7 +309,9 @@ def run_in_process(settings: Settings, jobs: list[dict], out_dir, *, say=None) -
         check_state_key(policy, settings, settings.spec())  # file for another model fails now
     out = Path(out_dir)
     todo = pending_jobs(jobs, committed_rows(out))
-    step = make_step(settings, out, policy=policy, die_once=os.environ.get(DIE_ONCE_ENV))
+    if settings.pipeline and make_step is None:
+        raise OptionError("a pipeline's batch step is fastflow.generate_pipeline.make_step: pass make_step=")
+    step = (make_step or BatchStep)(settings, out, policy=policy, die_once=os.environ.get(DIE_ONCE_ENV))
     bs = settings.batch_size
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     say(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {out}; making {len(todo)} in "

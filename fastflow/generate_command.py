@@ -166,7 +166,9 @@ def _generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file,
             import torch
 
             torch.set_num_threads(threads)
-        return run_in_process(settings, jobs, out_dir, say=say)
+        from .generate_pipeline import make_step
+
+        return run_in_process(settings, jobs, out_dir, say=say, make_step=make_step)
     from .ray_generate import run_on_ray
 
     return run_on_ray(settings, jobs, out_dir, address=ray_address, workers=workers or 2, threads=threads or 1,

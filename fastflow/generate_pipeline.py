@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OptionError
@@ -33,22 +32,6 @@ def prompt_jobs(prompts: list[str], samples: int, seed: int) -> list[dict]:
     return [make_job(None, None, prompts[i % len(prompts)], seed + i) for i in range(samples)]
 
 
-@dataclass
-class PipelineSpec:
-    """What the generate runners need to know of a pipeline (a ModelSpec's stand-in)."""
-
-    name: str
-    key: str
-    default_shift: float | None = None
-    default_guidance: float | None = None
-    num_labels: int = 0
-    label_names: list = field(default_factory=list)
-
-
-def pipeline_spec(model: str) -> PipelineSpec:
-    return PipelineSpec(name=str(model), key=f"pipeline:{model}")
-
-
 def load_pipeline(model: str, device: str):
     if model == "glyphs":
         from .demo.pipeline import glyph_pipeline
@@ -66,6 +49,13 @@ def load_pipeline(model: str, device: str):
         raise OptionError(f"cannot load pipeline '{model}': {exc}") from None
 
 
+def make_step(settings, out, policy=None, die_once: str | None = None):
+    """The batch step of this process: a pipeline's (:class:`PipelineStep`) or a model's."""
+    from .generate import BatchStep
+
+    return (PipelineStep if settings.pipeline else BatchStep)(settings, out, policy=policy, die_once=die_once)
+
+
 class PipelineStep:
     """One process's pipeline (loaded once, fastflow enabled on it) and its batch step."""
 
@@ -76,7 +66,7 @@ class PipelineStep:
         from .generate import make_policy
 
         self.settings, self.out, self.die_once = settings, Path(out), die_once
-        self.spec = pipeline_spec(settings.model)
+        self.spec = settings.spec()
         self.policy = policy if policy is not None else make_policy(settings)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(settings.model, self.device)

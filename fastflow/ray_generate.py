@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from .errors import MissingDependencyError
-from .generate import (DIE_ONCE_ENV, Settings, check_state_key, committed_rows, finish, make_policy, make_step,
-                       pending_jobs, require_pyarrow, settings_dict)
+from .generate import (DIE_ONCE_ENV, Settings, check_state_key, committed_rows, finish, make_policy, pending_jobs,
+                       require_pyarrow, settings_dict)
+from .generate_pipeline import make_step
 
 
 def require_ray():
