@@ -94,7 +94,8 @@ class BanditStats:
             [[a + b for a, b in zip(sa, sb)] for sa, sb in zip(self.sums, other.sums)],
             self.samples + other.samples, extra)
 
-    __radd__ = __add__  # None + stats (sum() starts from 0: use functools.reduce or a loop)
+    def __radd__(self, other) -> "BanditStats":  # None + stats, and sum(deltas) (which starts from 0)
+        return self if other is None or (isinstance(other, int) and other == 0) else self.__add__(other)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, BanditStats) and all(

@@ -82,6 +82,8 @@ def test_merging_k_workers_equals_learning_sequentially_exactly(tmp_path):
         assert [b.sums for b in w.bandits] == [b.sums for b in sequential.bandits]
         assert w.samples == sequential.samples
     assert store.get().samples == sum(p[3] for p in pulls) and store.get().samples + 12 == sequential.samples
+    nothing_new = sum(w.delta() for w in workers)  # deltas add with sum() too
+    assert sum(map(sum, nothing_new.counts)) == 0 and nothing_new.samples == 0  # all was synced
 
     state = tmp_path / "merged.json"
     state.write_text(seed_state.read_text())  # the run's --state starts from the seed learning
