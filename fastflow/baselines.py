@@ -85,15 +85,12 @@ class CachedResult:
 
 
 def default_settings(quick: bool = False) -> list[tuple[str, dict, str]]:
-    """(method, setting, label) sweeps from light to aggressive caching; one per method
-    when ``quick``."""
+    """(method, setting, label) sweeps from light to aggressive caching; when ``quick``,
+    the one peer at the quick bench's budget (TaylorSeer, the strongest of the three)."""
     if quick:
         return [
-            ("fbcache", {"threshold": 0.1}, "FBCache t=0.1"),
             ("taylorseer", {"cache_interval": 3, "max_order": 1, "disable_cache_before_step": 2,
                             "scope": "blocks"}, "TaylorSeer blocks N=3 O=1"),
-            ("magcache", {"threshold": 0.06, "max_skip_steps": 3, "retention_ratio": 0.2},
-             "MagCache t=0.06 K=3"),
         ]
     out = []
     for th in (0.05, 0.1, 0.2, 0.4):

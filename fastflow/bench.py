@@ -234,6 +234,10 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
 # -- metrics -----------------------------------------------------------------------
 
 PSNR_CAP_DB = 100.0  # identical outputs would be +inf; JSON has no inf
+#: a wall speed-up above the NFE speed-up by more than this factor cannot be explained: noise
+NOISY_WALL = 1.1
+#: the all-steps price measured before and after a method differs by more than this: noise
+NOISY_SPREAD = 0.25
 
 
 def _psnr_per_sample(a, b, data_range):
@@ -299,7 +303,7 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
     model = spec.build()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((samples, *spec.shape), generator=gen)
-    warm_n = batch_size * (2 if quick else 8)
+    warm_n = min(samples, batch_size * 2) if quick else batch_size * 8  # quick: warm on as many as it measures
     warm_noise = torch.randn((warm_n, *spec.shape), generator=torch.Generator().manual_seed(seed + 1_000_003))
     labels = warm_labels = None
     if spec.num_labels:
@@ -327,14 +331,24 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
     evaluator = _make_evaluator(ctx, quick)
     rows: list[Row] = []
     ref = None
-    ref_wall = None
     curves = {}
+    probe_noise, probe_labels = noise[:batch_size], _head(labels, batch_size)
+
+    def probe() -> float:
+        """Seconds per evaluation of all samples, timed now (2 steps of the first batch)."""
+        _, _, w = _sample_all(ctx, "none", steps=2, noise=probe_noise, labels=probe_labels)
+        return w / 2 * samples / probe_noise.shape[0]
+
     for i, m in enumerate(todo):
         progress(f"[{i + 1}/{len(todo)}] {m.name}")
         t0 = time.perf_counter()
+        before = probe()  # the all-steps cost is priced just before and just after the method:
         x, nfe, wall, extra = m.run(ctx)
+        after = probe()  # a method and its reference see the same machine load
+        extra["full_wall_estimate"] = steps * (before + after) / 2
+        extra["probe_spread"] = abs(before - after) / ((before + after) / 2)
         if ref is None:
-            ref, ref_wall = x, wall
+            ref = x
         curve_x = extra.pop("_curve_x", None)
         if curve_x is not None and m.name in ("ucb-cold", "planned-cold"):
             rng = 2.0 if spec.is_image else float(ref.max() - ref.min())
@@ -355,10 +369,15 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
 
     table = []
     for r in rows:
+        full = r.extra["full_wall_estimate"]
+        speedup_nfe = steps / r.nfe if r.nfe else None
+        speedup_wall = full / r.wall_seconds if r.wall_seconds else None
         table.append({
             "method": r.method, "family": r.family, "setting": r.setting, "nfe": r.nfe,
-            "speedup_nfe": steps / r.nfe if r.nfe else None,
-            "wall_seconds": r.wall_seconds, "speedup_wall": ref_wall / r.wall_seconds if r.wall_seconds else None,
+            "speedup_nfe": speedup_nfe, "wall_seconds": r.wall_seconds, "speedup_wall": speedup_wall,
+            "speedup_wall_noisy": bool(speedup_wall is not None and speedup_nfe
+                                       and (speedup_wall > NOISY_WALL * speedup_nfe
+                                            or r.extra["probe_spread"] > NOISY_SPREAD)),
             **r.metrics, "warm": r.extra.get("warm", ""),
             **{k: v for k, v in r.extra.items() if k not in ("warm", "elapsed_seconds")},
         })
@@ -460,19 +479,20 @@ def format_table(result: dict) -> str:
             ("class_accuracy", "{:.3f}"), ("fid_feature", "{:.3f}")]
     few = result.get("samples", 0) < 200  # a Fréchet distance of fewer samples is noise, not a measurement
     cols = [(c, f) for c, f in cols if any(c in r for r in result["rows"]) and not (few and c == "fid_feature")]
-    nfe_bound = {r["method"]: r.get("speedup_nfe") for r in result["rows"]}
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
         cells = []
         for c, f in cols:
             v = r.get(c)
             cell = "—" if v is None else (f.format(v) if not (isinstance(v, float) and math.isinf(v)) else "inf")
-            bound = nfe_bound.get(r["method"])
-            if c == "speedup_wall" and v is not None and bound and v > 1.1 * bound:
-                cell += " (noisy)"  # above the NFE speed-up, which bounds it: the machine's load moved
+            if c == "speedup_wall" and v is not None and r.get("speedup_wall_noisy"):
+                cell += " (noisy)"  # the machine's load moved: not a result
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
+    out += ("\n\nspeedup_wall: the all-steps cost, priced by 2 plain evaluations timed just before and just "
+            "after each method, over the method's wall time; (noisy) where it exceeds the NFE speed-up or the "
+            "two prices differ by more than 25 %")
     if few:
         out += f"\n\nfeature FID not shown: {result.get('samples')} samples (it needs at least 200 to mean anything)"
     return out

@@ -24,6 +24,9 @@ from .jsonutil import json_text, jsonable
 
 #: a wall speed-up above the NFE speed-up by more than this factor is noise, not a result
 NOISY_WALL = 1.1
+#: interleaved timings whose wall/NFE efficiencies spread wider than this (max − min over
+#: the median) are noise too
+NOISY_SPREAD = 0.3
 
 
 def keeps_state(policy_name: str) -> bool:
@@ -74,10 +77,16 @@ def cost(policy, nfe_per_sample: list, nfe_full: int, *, model_calls: int, calib
 
 
 def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, wall_seconds: float,
-               reference_wall_seconds: float | None) -> dict:
+               reference_wall_seconds: float | None, timings: list | None = None) -> dict:
     """The quality half: ``x`` against the all-steps ``ref`` (same seeds), and the wall
     speed-up when the reference was timed beside the policy (``None``: it was not, e.g.
-    it came from a cache)."""
+    it came from a cache).
+
+    ``timings``: (reference seconds, policy seconds, reference evaluations, policy
+    evaluations) of each interleaved timing (a batch, or a repetition of one). Each gives
+    a wall/NFE efficiency — the wall speed-up over the NFE speed-up of that timing, 1.0
+    when skipping costs nothing beside the evaluations it saves; their median and spread
+    are reported, and a wide spread flags the wall figure as noisy."""
     from .metrics import max_abs_error, psnr
 
     p = psnr(x, ref, data_range)
@@ -87,9 +96,17 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
         return out
     speedup = reference_wall_seconds / wall_seconds if wall_seconds > 0 else None
     out.update({"reference_wall_seconds": reference_wall_seconds, "speedup_wall": speedup})
+    eff = sorted((rw / pw) / (rn / pn) for rw, pw, rn, pn in (timings or []) if pw > 0 and pn > 0 and rn > 0)
+    if eff:
+        median = eff[len(eff) // 2] if len(eff) % 2 else (eff[len(eff) // 2 - 1] + eff[len(eff) // 2]) / 2
+        out.update({"wall_efficiency_median": median, "wall_efficiency_spread": [eff[0], eff[-1]],
+                    "wall_timings": len(eff)})
     if speedup is not None and speedup_nfe is not None and speedup > NOISY_WALL * speedup_nfe:
         out["speedup_wall_note"] = ("noisy: above the NFE speed-up, which bounds it; the machine's load "
                                     "changed during the run")
+    elif len(eff) > 1 and (eff[-1] - eff[0]) / out["wall_efficiency_median"] > NOISY_SPREAD:
+        out["speedup_wall_note"] = (f"noisy: the {len(eff)} interleaved timings disagree (wall/NFE efficiency "
+                                    f"{eff[0]:.2f}-{eff[-1]:.2f}): the run is too short to time, or the machine's load changed")
     return out
 
 

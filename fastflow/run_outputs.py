@@ -227,6 +227,11 @@ def print_summary(s: dict) -> None:
             rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x — {s['speedup_wall_note']}"))
         elif s.get("speedup_wall") is not None:
             rows.append(("speed-up (wall)", f"{s['speedup_wall']:.2f}x (policy and reference timed batch by batch)"))
+            if s.get("wall_efficiency_median") is not None:
+                lo, hi = s["wall_efficiency_spread"]
+                rows.append(("wall / NFE", f"{s['wall_efficiency_median']:.2f} median of {s['wall_timings']} "
+                                           f"interleaved timings ({lo:.2f}-{hi:.2f}; 1.00: skipping costs nothing "
+                                           f"beyond the evaluations it saves)"))
         elif s.get("speedup_wall_note"):
             rows.append(("speed-up (wall)", s["speedup_wall_note"]))
         rows.append(("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB (same seeds, every step computed)"))

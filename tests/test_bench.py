@@ -50,12 +50,18 @@ def test_nfe_figures_are_exact(quick):
     assert first < 20 and (4 * first - 20) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
 
 
-def test_wall_columns_are_the_reference_time_over_each_rows_time(quick):
+def test_wall_speedup_is_the_all_steps_price_timed_beside_each_row_over_its_time(quick):
+    """Each row's all-steps cost is priced just before and after it (the same machine
+    load), so a row that did 20 of 20 evaluations is near 1x; a figure the evaluations
+    cannot explain, or whose two prices disagree, is flagged, not reported as a result."""
+    from fastflow.bench import NOISY_SPREAD, NOISY_WALL
+
     result, _ = quick
-    ref = result["rows"][0]
-    assert ref["speedup_wall"] == 1.0
     for r in result["rows"]:
-        assert r["speedup_wall"] == pytest.approx(ref["wall_seconds"] / r["wall_seconds"], rel=1e-12), r["method"]
+        assert r["full_wall_estimate"] > 0 and r["probe_spread"] >= 0
+        assert r["speedup_wall"] == pytest.approx(r["full_wall_estimate"] / r["wall_seconds"], rel=1e-12)
+        noisy = r["speedup_wall"] > NOISY_WALL * r["speedup_nfe"] or r["probe_spread"] > NOISY_SPREAD
+        assert r["speedup_wall_noisy"] is noisy, r["method"]
 
 
 def test_bandit_warm_up_in_small_batches_gives_one_pull_per_batch():

@@ -271,12 +271,25 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     wall = {name: 0.0 for name, _ in jobs}
     calibration = {name: 0 for name, _ in jobs}  # samples that computed every step to calibrate
     calls = {name: 0 for name, _ in jobs}
+    timings = {name: [] for name, _ in jobs}  # (wall, model calls) of each batch
+    timed = len(jobs) == 2  # the reference runs here, interleaved with the policy
+    # a short run is timed again on its first batch, with the policy as it was before it
+    snapshot = _snapshot(pol) if timed and len(batches) < REPEAT_BELOW_BATCHES else None
     show = sys.stderr.isatty() and not quiet
     say = (lambda msg: click.echo(f"fastflow: {msg}", err=True)) if not (show or quiet) else (lambda msg: None)
     say(f"sampling {samples} samples in {len(batches)} batch(es) of up to {batch_size}, {steps} steps, policy "
         f"{policy_name}" + ("" if not compare else ", beside the all-steps reference" if cached_ref is None
                             else "; the all-steps reference comes from the cache"))
     warm_up(model, noise[:batch_size], spec, label_list, backend)
+    def sample_batch(p, lo, hi):
+        cond, kwargs = {}, {} if edit is None else {"init": edit.expand(hi - lo, *spec.shape), "strength": strength}
+        if label_list is not None:
+            cond["label"] = lab = torch.tensor(label_list[lo:hi])
+            if guidance is not None:
+                kwargs.update(guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
+        return fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
+                               shift=shift, solver=solver, model_key=model_key, **kwargs, **cond)
+
     started = time.perf_counter()
     with click.progressbar(length=len(batches) * len(jobs), label=f"sampling ({policy_name})",
                            file=sys.stderr if show else NullStream(), show_pos=True) as bar:
@@ -285,21 +298,23 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 spent = time.perf_counter() - started
                 say(f"batch {b - 1}/{len(batches)} done in {spent:.0f} s; about {spent / (b - 1) * (len(batches) - b + 1):.0f} s left")
             for name, p in jobs:
-                cond = {}
-                if label_list is not None:
-                    lab = torch.tensor(label_list[lo:hi])
-                    cond["label"] = lab
-                kwargs = {} if edit is None else {"init": edit.expand(hi - lo, *spec.shape), "strength": strength}
-                if guidance is not None:
-                    kwargs.update(guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
-                res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
-                                      shift=shift, solver=solver, model_key=model_key, **kwargs, **cond)
+                res = sample_batch(p, lo, hi)
                 outputs[name].append(res.x)
                 nfe[name].append(res.nfe_per_sample)
                 calibration[name] += res.calibration_samples
                 calls[name] += res.model_calls
                 wall[name] += res.wall_seconds
+                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample)))
                 bar.update(1)
+    if snapshot is not None and wall["policy"] + wall["reference"] < REPEAT_BELOW_SECONDS:
+        lo, hi = batches[0]
+        for _ in range(REPEAT_BELOW_BATCHES - len(batches)):  # the same work again, interleaved
+            again = _snapshot(snapshot)
+            if again is None:
+                break
+            for name, p in (("reference", "none"), ("policy", again)):
+                res = sample_batch(p, lo, hi)
+                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample)))
     if state_path is not None:
         pol.save(state_path)
 
@@ -336,9 +351,28 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         # the reference is timed here, interleaved batch by batch with the policy, unless cached
         summary.update(comparison(x, ref, spec.data_range, speedup_nfe=summary["speedup_nfe"],
                                   wall_seconds=wall["policy"],
-                                  reference_wall_seconds=None if cached_ref is not None else wall["reference"]))
+                                  reference_wall_seconds=None if cached_ref is not None else wall["reference"],
+                                  timings=[(rw, pw, rn, pn) for (pw, pn), (rw, rn)
+                                           in zip(timings["policy"], timings.get("reference", []))]))
         summary["reference_cached"] = cached_ref is not None
     if spec.is_image:
         summary.update(image_outputs(spec, x, ref if compare else None, label_list, out, edit, summary))
     summary.update(model_metrics(spec, x, ref if compare else None, label_list))
     return write_summary(out, summary, state=state_path, state_note=state_note)
+
+
+#: runs of fewer batches are timed again on their first batch, to this many timings ...
+REPEAT_BELOW_BATCHES = 3
+#: ... when policy and reference took less than this together (seconds); a timing is
+#: (seconds, sample evaluations) of a batch
+REPEAT_BELOW_SECONDS = 20.0
+
+
+def _snapshot(policy):
+    """A copy of the policy that decides as it does now (None if it cannot be copied)."""
+    import copy
+
+    try:
+        return copy.deepcopy(policy)
+    except Exception:
+        return None
