@@ -13,7 +13,7 @@ import click
 from ..compare import comparison, cost, json_text, write_summary
 from ..engine import schedule_key
 from ..errors import FastFlowError, UsageFailure
-from ..modelspec import DEFAULT_MODEL
+from ..modelspec import DEFAULT_MODEL, label_index
 from ..state import check_writable, user_cache_dir
 from ..run_outputs import (NullStream, check_out, clear_outputs, image_outputs, load_reference, model_metrics,
                            print_summary, read_image, reference_path, save_tensor, store_reference, warm_up)
@@ -175,16 +175,12 @@ def _resolve_labels(spec, labels: tuple[str, ...], samples: int) -> list[int] | 
         if labels:
             raise UsageFailure(f"model '{spec.name}' is unconditional; drop --label")
         return None
-    names = {n.lower(): i for i, n in enumerate(spec.label_names)}
     chosen = []
     for lab in labels:
-        if lab.lower() in names:
-            chosen.append(names[lab.lower()])
-        elif lab.lstrip("-").isdigit() and 0 <= int(lab) < spec.num_labels:
-            chosen.append(int(lab))
-        else:
-            known = ", ".join(spec.label_names) if spec.label_names else f"0..{spec.num_labels - 1}"
-            raise UsageFailure(f"unknown --label '{lab}' for model '{spec.name}'. Known labels: {known}")
+        try:
+            chosen.append(label_index(spec, lab))
+        except FastFlowError as exc:  # the same check as generate's --labels, named as this flag
+            raise UsageFailure(str(exc).replace("unknown label", "unknown --label", 1)) from None
     pool = chosen or list(range(spec.num_labels))
     return [pool[i % len(pool)] for i in range(samples)]
 
