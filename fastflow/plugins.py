@@ -35,6 +35,7 @@ BUILTIN_PLUGINS = (
     "fastflow.policies.ucb_paper",
     "fastflow.policies.planned",
     "fastflow.backends.torch_backend",
+    "fastflow.backends.torch_compile_backend",
     "fastflow.backends.onnxruntime_backend",
     "fastflow.backends.tensorrt_backend",
     "fastflow.models.analytic",

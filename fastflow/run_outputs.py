@@ -170,14 +170,19 @@ def model_metrics(spec, x, ref, label_list) -> dict:
     return result
 
 
-def warm_up(model, x, spec, label_list, backend) -> None:
-    """One untimed evaluation, so lazy initialisation is not billed to the first policy."""
+def warm_up(model, x, spec, label_list, backend) -> float:
+    """One evaluation before the timed ones, so lazy initialisation (a session, a
+    compilation) is billed to neither the policy nor the reference; returns its seconds."""
+    import time
+
     import torch
 
+    started = time.perf_counter()
     fn = backend.load(model, device=x.device)
     cond = {} if label_list is None else {"label": torch.tensor(label_list[: x.shape[0]])}
     with torch.inference_mode():
         fn(x, torch.ones(x.shape[0]), **cond)
+    return time.perf_counter() - started
 
 
 def save_tensor(path: Path, x) -> None:
@@ -219,6 +224,9 @@ def print_summary(s: dict) -> None:
         rows.append(("wall time", f"{s['wall_seconds']:.2f} s"))
     if s.get("ms_per_eval") is not None:
         rows.append(("ms per evaluation", f"{s['ms_per_eval']:.2f}"))
+    if s.get("backend_warmup_seconds") is not None and s["backend_warmup_seconds"] >= 1.0:
+        rows.append(("backend warm-up", f"{s['backend_warmup_seconds']:.1f} s (loading/compiling, before any timed "
+                                        f"evaluation; not in the wall times)"))
     if "psnr_db" in s:
         p = s["psnr_db"]
         if s.get("reference_wall_seconds") is not None:

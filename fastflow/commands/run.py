@@ -276,7 +276,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     say(f"sampling {samples} samples in {len(batches)} batch(es) of up to {batch_size}, {steps} steps, policy "
         f"{policy_name}" + ("" if not compare else ", beside the all-steps reference" if cached_ref is None
                             else "; the all-steps reference comes from the cache"))
-    warm_up(model, noise[:batch_size], spec, label_list, backend)
+    warmup_seconds = warm_up(model, noise[:batch_size], spec, label_list, backend)
     def sample_batch(p, lo, hi):
         cond, kwargs = {}, {} if edit is None else {"init": edit.expand(hi - lo, *spec.shape), "strength": strength}
         if label_list is not None:
@@ -332,6 +332,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "guidance": guidance,
         **cost(pol, nfe_per_sample, steps_run, model_calls=evals, calibration_samples=cal,
                wall_seconds=wall["policy"]),
+        "backend_warmup_seconds": warmup_seconds,  # loading, compiling: before any timed evaluation
         "policy": policy_name,
     }
     clear_outputs(out)
