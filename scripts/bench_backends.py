@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--export-dir", default=None, help="reuse (or keep) the ONNX export here")
     ap.add_argument("--engine-dir", default=None, help="reuse (or keep) the TensorRT engine here (cuda)")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch-compile backend (CPU)")
     args = ap.parse_args(argv)
 
     import torch
@@ -143,6 +144,16 @@ def _bench(args, model, described, work: Path, batches, reps, threads) -> int:
             ex = {"x": torch.randn(2, 3, 32, 32), "t": torch.rand(2), "label": torch.tensor([1, 36])}
             export_onnx(model, onnx_dir, ex, model_name=args.model)
         backends["onnxruntime cpu fp32"] = fastflow.get_backend("onnxruntime").load(read_export(onnx_dir))
+        if not args.no_compile:
+            import copy
+
+            compiled = copy.deepcopy(model)
+            tc = fastflow.get_backend("torch-compile").load(compiled)
+            started = time.perf_counter()
+            with torch.inference_mode():  # compile here (dynamic batch: every size below shares it)
+                tc(torch.randn(2, 3, 32, 32), torch.rand(2), label=torch.tensor([1, 36]))
+            print(f"torch-compile: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            backends["torch-compile cpu fp32"] = tc
     else:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
