@@ -38,10 +38,22 @@ def one_run(out: Path, *, workers: int, samples: int, batch_size: int, policy: s
     s = run_on_ray(settings, label_jobs(spec, None, samples, seed), out, workers=workers, threads=1,
                    share=share, say=lambda m: None)
     b = sorted(s["batches"], key=lambda x: x["t"])
-    first = b[0]
-    steady = sum(x["images"] for x in b[1:]) / (b[-1]["t"] - first["t"]) if len(b) > 1 else None
+    steady = steady_rate(b)
     return {"images_per_s": s["images_per_s"], "steady_images_per_s": steady, "wall_seconds": s["wall_seconds"],
             "nfe_mean": s["nfe_mean"], "merge": s.get("merge"), "batches": b}
+
+
+def steady_rate(batches: list[dict]) -> float | None:
+    """Images/s once every worker is running: per worker, the images of its batches after
+    its first over the time from its first batch's end to its last's, summed over the
+    workers (they run at once). Counting from the first batch of the whole run instead
+    would credit the other workers' first batches, computed mostly before that moment."""
+    by_worker: dict = {}
+    for x in batches:
+        by_worker.setdefault(x["worker"], []).append(x)
+    rates = [sum(x["images"] for x in bs[1:]) / (bs[-1]["t"] - bs[0]["t"])
+             for bs in (sorted(v, key=lambda x: x["t"]) for v in by_worker.values()) if len(bs) > 1]
+    return sum(rates) if rates else None
 
 
 def uptime() -> str:
