@@ -175,9 +175,11 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     budgets = [max(3, round(s / r)) for r in ((2.0, 2.65, 3.5, 5.0) if not quick else (2.65,))]
     methods: list[Method] = [euler(s)]
     methods += [euler(b) for b in budgets]
-    for solver in ("unipc", "dpm++"):
+    # --quick (under a minute on 2 cores): one method of each kind; DPM++, fixed and
+    # planned-cold are in the full sweep
+    for solver in ("unipc", "dpm++") if not quick else ("unipc",):
         methods += [multistep(solver, b) for b in budgets]
-    for k in ((1, 2, 3, 4) if not quick else (2,)):
+    for k in ((1, 2, 3, 4) if not quick else ()):
         methods.append(policy_method(f"fixed-{k}", "fixed", f"skip={k}",
                                      lambda k=k: fastflow.get_policy("fixed", skip=k), warm=False))
     for th in ((0.05, 0.1, 0.2, 0.4) if not quick else (0.1,)):
@@ -201,9 +203,9 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
             methods.append(policy_method(f"ucb-norm-warm-{scale:g}", "ucb-norm", f"mu_scale={scale:g}",
                                          lambda scale=scale: fastflow.get_policy("ucb-norm", mu_scale=scale),
                                          **paper_warm))
-    methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[0] if quick else budgets[1]}",
-                                 lambda b=(budgets[0] if quick else budgets[1]): fastflow.get_policy("planned", nfe=b),
-                                 warm=False))
+    if not quick:
+        methods.append(policy_method("planned-cold", "planned", f"nfe={budgets[1]}",
+                                     lambda b=budgets[1]: fastflow.get_policy("planned", nfe=b), warm=False))
     for b in budgets:
         methods.append(policy_method(f"planned-{b}", "planned", f"nfe={b}",
                                      lambda b=b: fastflow.get_policy("planned", nfe=b), warm=True))
@@ -270,16 +272,20 @@ def _make_evaluator(ctx: Ctx, quick: bool):
     return lambda x: ctx.spec.evaluate(x, ctx.labels)
 
 
-def _ode_reference(ctx: Ctx, cache_dir: Path, steps: int):
-    """High-accuracy solution: UniPC with many steps, computed once per (model, seeds)."""
-    import torch
-
+def _ode_path(ctx: Ctx, cache_dir: Path, steps: int) -> Path:
     h = hashlib.sha256()
     h.update(str((ctx.spec.key, ctx.guidance, steps, tuple(ctx.noise.shape))).encode())
     h.update(ctx.noise.numpy().tobytes())
     if ctx.labels is not None:
         h.update(ctx.labels.numpy().tobytes())
-    path = cache_dir / f"ode-{h.hexdigest()[:20]}.pt"
+    return cache_dir / f"ode-{h.hexdigest()[:20]}.pt"
+
+
+def _ode_reference(ctx: Ctx, cache_dir: Path, steps: int):
+    """High-accuracy solution: UniPC with many steps, computed once per (model, seeds)."""
+    import torch
+
+    path = _ode_path(ctx, cache_dir, steps)
     if path.exists():
         return torch.load(path), True
     x, _, _ = _sample_all(ctx, "none", steps=steps, solver="unipc")
@@ -321,11 +327,16 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
     _sample_all(ctx, "none", steps=2, noise=noise[:batch_size], labels=_head(labels, batch_size))
     per_eval = (time.perf_counter() - t0) / 2
     n_batches = -(-samples // batch_size)
+    # a method evaluates about steps/2.6 times a batch (the full run: steps), a warm one as
+    # much again to learn, each is priced by 2 probes of 3 evaluations; plus the reference
     n_warm = sum(1 for m in todo if m.warm.startswith("learned"))
-    evals = steps * n_batches * (len(todo) + 2 * n_warm) + ode_steps * n_batches
+    ode_cached = _ode_path(ctx, cache_dir, ode_steps).exists()
+    evals = round(n_batches * (steps + (len(todo) - 1 + n_warm) * steps / 2.6 + (0 if ode_cached else ode_steps))
+                  + 3 * (len(todo) + 1))
     progress(f"{len(todo)} methods on {samples} samples: {', '.join(m.name for m in todo)}")
-    progress(f"about {evals * per_eval * 1.3:.0f} s on this machine ({evals} batch evaluations at "
-             f"{per_eval * 1000:.0f} ms; the reference is cached after the first run)")
+    progress(f"about {evals * per_eval + 20:.0f} s on this machine ({evals} batch evaluations at "
+             f"{per_eval * 1000:.0f} ms, and ~20 s to import, load and plot; the high-accuracy reference "
+             + ("comes from the cache)" if ode_cached else "is computed now and cached)"))
     progress(f"high-accuracy reference: UniPC, {ode_steps} steps")
     ode, cached = _ode_reference(ctx, cache_dir, ode_steps)
     evaluator = _make_evaluator(ctx, quick)
@@ -335,16 +346,19 @@ def run_bench(*, model_name: str, samples: int, steps: int, batch_size: int, see
     probe_noise, probe_labels = noise[:batch_size], _head(labels, batch_size)
 
     def probe() -> float:
-        """Seconds per evaluation of all samples, timed now (2 steps of the first batch)."""
+        """Seconds per evaluation of all samples, timed now: 2 steps of the first batch,
+        after one untimed step (the first evaluation after other work runs cold)."""
+        _sample_all(ctx, "none", steps=1, noise=probe_noise, labels=probe_labels)
         _, _, w = _sample_all(ctx, "none", steps=2, noise=probe_noise, labels=probe_labels)
         return w / 2 * samples / probe_noise.shape[0]
 
+    after = probe()
     for i, m in enumerate(todo):
         progress(f"[{i + 1}/{len(todo)}] {m.name}")
         t0 = time.perf_counter()
-        before = probe()  # the all-steps cost is priced just before and just after the method:
+        before = after  # the all-steps cost is priced just before and just after each method
         x, nfe, wall, extra = m.run(ctx)
-        after = probe()  # a method and its reference see the same machine load
+        after = probe()  # (the probe after one method is the probe before the next)
         extra["full_wall_estimate"] = steps * (before + after) / 2
         extra["probe_spread"] = abs(before - after) / ((before + after) / 2)
         if ref is None:

@@ -24,9 +24,10 @@ def test_table_structure_and_files(quick):
     result, out = quick
     rows = {r["method"]: r for r in result["rows"]}
     assert result["rows"][0]["method"] == "euler-20"  # the reference comes first
-    for name in ("euler-8", "unipc-8", "dpm++-8", "fixed-2", "threshold-0.1", "ucb-cold", "ucb-warm",
-                 "ucb-paper-warm", "planned-cold", "planned-8", "unipc+planned-8"):  # --quick's list
+    for name in ("euler-8", "unipc-8", "threshold-0.1", "ucb-cold", "ucb-warm",
+                 "ucb-paper-warm", "planned-8", "unipc+planned-8"):  # --quick's list
         assert name in rows, name
+    assert not {"dpm++-8", "fixed-2", "planned-cold"} & set(rows)  # the full sweep's, not --quick's
     for r in result["rows"]:
         for key in ("nfe", "speedup_nfe", "wall_seconds", "speedup_wall", "psnr_full_db", "psnr_ode_db"):
             assert isinstance(r[key], float), (r["method"], key)
@@ -41,13 +42,23 @@ def test_nfe_figures_are_exact(quick):
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["euler-20"]["nfe"] == 20 and rows["euler-20"]["psnr_full_db"] == 100.0  # identical (capped)
     assert rows["euler-8"]["nfe"] == 8 and rows["unipc-8"]["nfe"] == 8
-    assert rows["fixed-2"]["nfe"] == 8  # 0,1 then 4,7,10,13,16 and 19
     assert rows["planned-8"]["nfe"] == 8 and rows["unipc+planned-8"]["nfe"] == 8
-    # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
-    assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
     # ucb calibrates on the first sample of the first batch of 4 and accelerates the other 3
     first = result["curves"]["ucb-cold"]["nfe"][0]
     assert first < 20 and (4 * first - 20) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
+
+
+def test_full_sweep_methods_have_exact_nfe(tmp_path):
+    """Methods only the full sweep runs, picked with --methods (no --quick)."""
+    result = CliRunner().invoke(cli, ["bench", "--model", "gmm", "--samples", "16", "--batch-size", "4", "--steps", "20",
+                                      "--ode-steps", "60", "--methods", "fixed-2,planned-cold,dpm++-8",
+                                      "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout)["rows"]}
+    assert rows["fixed-2"]["nfe"] == 8  # 0,1 then 4,7,10,13,16 and 19
+    assert rows["dpm++-8"]["nfe"] == 8
+    # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
+    assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
 
 
 def test_wall_speedup_is_the_all_steps_price_timed_beside_each_row_over_its_time(quick):
