@@ -83,10 +83,12 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
     it came from a cache).
 
     ``timings``: (reference seconds, policy seconds, reference evaluations, policy
-    evaluations) of each interleaved timing (a batch, or a repetition of one). Each gives
-    a wall/NFE efficiency — the wall speed-up over the NFE speed-up of that timing, 1.0
-    when skipping costs nothing beside the evaluations it saves; their median and spread
-    are reported, and a wide spread flags the wall figure as noisy."""
+    evaluations, what was timed) of each interleaved timing: a batch, or a repetition of
+    one. Each gives a wall/NFE efficiency — the wall speed-up over the NFE speed-up of that
+    timing, 1.0 when skipping costs nothing beside the evaluations it saves; their median
+    and spread are reported. Timings of the same work (the same batch timed again) must
+    agree: if they spread wide, the wall figure is flagged as noisy. (Different batches may
+    differ for real: one that calibrates on a row alone runs that row at batch 1.)"""
     from .metrics import max_abs_error, psnr
 
     p = psnr(x, ref, data_range)
@@ -96,7 +98,12 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
         return out
     speedup = reference_wall_seconds / wall_seconds if wall_seconds > 0 else None
     out.update({"reference_wall_seconds": reference_wall_seconds, "speedup_wall": speedup})
-    eff = sorted((rw / pw) / (rn / pn) for rw, pw, rn, pn in (timings or []) if pw > 0 and pn > 0 and rn > 0)
+    timed = [((rw / pw) / (rn / pn), what) for rw, pw, rn, pn, what in (timings or []) if pw > 0 and pn > 0 and rn > 0]
+    eff = sorted(e for e, _ in timed)
+    same: dict = {}
+    for e, what in timed:
+        same.setdefault(what, []).append(e)
+    repeated = max(same.values(), key=len, default=[])
     if eff:
         median = eff[len(eff) // 2] if len(eff) % 2 else (eff[len(eff) // 2 - 1] + eff[len(eff) // 2]) / 2
         out.update({"wall_efficiency_median": median, "wall_efficiency_spread": [eff[0], eff[-1]],
@@ -104,9 +111,10 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
     if speedup is not None and speedup_nfe is not None and speedup > NOISY_WALL * speedup_nfe:
         out["speedup_wall_note"] = ("noisy: above the NFE speed-up, which bounds it; the machine's load "
                                     "changed during the run")
-    elif len(eff) > 1 and (eff[-1] - eff[0]) / out["wall_efficiency_median"] > NOISY_SPREAD:
-        out["speedup_wall_note"] = (f"noisy: the {len(eff)} interleaved timings disagree (wall/NFE efficiency "
-                                    f"{eff[0]:.2f}-{eff[-1]:.2f}): the run is too short to time, or the machine's load changed")
+    elif len(repeated) > 1 and (max(repeated) - min(repeated)) / min(repeated) > NOISY_SPREAD:
+        out["speedup_wall_note"] = (f"noisy: {len(repeated)} timings of the same batch disagree (wall/NFE efficiency "
+                                    f"{min(repeated):.2f}-{max(repeated):.2f}): the run is too short to time, or "
+                                    f"the machine's load changed")
     return out
 
 

@@ -267,7 +267,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     wall = {name: 0.0 for name, _ in jobs}
     calibration = {name: 0 for name, _ in jobs}  # samples that computed every step to calibrate
     calls = {name: 0 for name, _ in jobs}
-    timings = {name: [] for name, _ in jobs}  # (wall, model calls) of each batch
+    timings = {name: [] for name, _ in jobs}  # (wall, sample evaluations, which batch) of each batch
     timed = len(jobs) == 2  # the reference runs here, interleaved with the policy
     # a short run is timed again on its first batch, with the policy as it was before it
     snapshot = _snapshot(pol) if timed and len(batches) < REPEAT_BELOW_BATCHES else None
@@ -300,7 +300,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 calibration[name] += res.calibration_samples
                 calls[name] += res.model_calls
                 wall[name] += res.wall_seconds
-                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample)))
+                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample), b))
                 bar.update(1)
     if snapshot is not None and wall["policy"] + wall["reference"] < REPEAT_BELOW_SECONDS:
         lo, hi = batches[0]
@@ -310,7 +310,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                 break
             for name, p in (("reference", "none"), ("policy", again)):
                 res = sample_batch(p, lo, hi)
-                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample)))
+                timings[name].append((res.wall_seconds, sum(res.nfe_per_sample), 1))  # batch 1 again
     if state_path is not None:
         pol.save(state_path)
 
@@ -349,7 +349,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         summary.update(comparison(x, ref, spec.data_range, speedup_nfe=summary["speedup_nfe"],
                                   wall_seconds=wall["policy"],
                                   reference_wall_seconds=None if cached_ref is not None else wall["reference"],
-                                  timings=[(rw, pw, rn, pn) for (pw, pn), (rw, rn)
+                                  timings=[(rw, pw, rn, pn, b) for (pw, pn, b), (rw, rn, _)
                                            in zip(timings["policy"], timings.get("reference", []))]))
         summary["reference_cached"] = cached_ref is not None
     if spec.is_image:
