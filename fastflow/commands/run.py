@@ -273,19 +273,29 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     snapshot = _snapshot(pol) if timed and len(batches) < REPEAT_BELOW_BATCHES else None
     show = sys.stderr.isatty() and not quiet
     say = (lambda msg: click.echo(f"fastflow: {msg}", err=True)) if not (show or quiet) else (lambda msg: None)
-    say(f"sampling {samples} samples in {len(batches)} batch(es) of up to {batch_size}, {steps} steps, policy "
-        f"{policy_name}" + ("" if not compare else ", beside the all-steps reference" if cached_ref is None
-                            else "; the all-steps reference comes from the cache"))
+    say(f"loading {spec.name} on the {backend_name} backend")
     warmup_seconds = warm_up(model, noise[:batch_size], spec, label_list, backend)
-    def sample_batch(p, lo, hi):
+
+    def sample_batch(p, lo, hi, n_steps=steps):
         cond, kwargs = {}, {} if edit is None else {"init": edit.expand(hi - lo, *spec.shape), "strength": strength}
         if label_list is not None:
             cond["label"] = lab = torch.tensor(label_list[lo:hi])
             if guidance is not None:
                 kwargs.update(guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
-        return fastflow.sample(model, noise[lo:hi], steps=steps, policy=p, backend=backend,
+        return fastflow.sample(model, noise[lo:hi], steps=n_steps, policy=p, backend=backend,
                                shift=shift, solver=solver, model_key=model_key, **kwargs, **cond)
 
+    # the estimate up front: two plain steps of the first batch price an evaluation; the
+    # reference computes every step, a policy about a third of them (plus a calibration)
+    # (on a terminal the progress bar shows its own ETA)
+    if not (show or quiet):
+        probe = sample_batch("none", *batches[0], n_steps=2)
+        per_step = probe.wall_seconds / max(probe.model_calls, 1)
+        all_rows = sum(hi - lo for lo, hi in batches) / (batches[0][1] - batches[0][0]) * per_step
+        eta = all_rows * (steps / 3 + steps / batch_size + (steps if len(jobs) == 2 else 0))
+        say(f"sampling {samples} samples in {len(batches)} batch(es) of up to {batch_size}, {steps} steps, policy "
+            f"{policy_name}" + ("" if not compare else ", beside the all-steps reference" if cached_ref is None
+                                else "; the all-steps reference comes from the cache") + f": about {eta:.0f} s")
     started = time.perf_counter()
     with click.progressbar(length=len(batches) * len(jobs), label=f"sampling ({policy_name})",
                            file=sys.stderr if show else NullStream(), show_pos=True) as bar:
