@@ -164,7 +164,9 @@ def test_bad_input(model, batch):
 def test_default_settings():
     quick = baselines.default_settings(quick=True)
     full = baselines.default_settings(quick=False)
-    assert sorted(m for m, _, _ in quick) == sorted(baselines.METHODS)
+    # --quick runs one peer (under a minute in all): the strongest, at a setting of the full sweep
+    assert [m for m, _, _ in quick] == ["taylorseer"]
+    assert all(any(q[:2] == f[:2] for f in full) for q in quick)
     for method in baselines.METHODS:
         assert 3 <= sum(m == method for m, _, _ in full) <= 4
     for method, setting, label in quick + full:
