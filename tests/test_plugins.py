@@ -239,26 +239,21 @@ def test_hooks_run_through_pluggy_so_wrappers_and_tryfirst_work(fake_eps, monkey
         return result
 
     mod.register_policies = register_policies
-    first = plugin_module("early", policy_name="early")
-    first.register_policies.fastflow_impl["tryfirst"] = True
     order = []
-    wrapped = first.register_policies
 
-    def early(register):
-        order.append("early")
-        wrapped(register)
+    def recorded(name, **marks):  # a plugin whose hook notes when it runs
+        plugin = plugin_module(name, policy_name=name)
+        inner = plugin.register_policies
 
-    early.fastflow_impl = dict(wrapped.fastflow_impl)
-    first.register_policies = early
-    late = plugin_module("late", policy_name="late")
-    inner = late.register_policies
+        def impl(register):
+            order.append(name)
+            inner(register)
 
-    def late_impl(register):
-        order.append("late")
-        inner(register)
+        impl.fastflow_impl = {**inner.fastflow_impl, **marks}
+        plugin.register_policies = impl
+        return plugin
 
-    late_impl.fastflow_impl = dict(inner.fastflow_impl)
-    late.register_policies = late_impl
+    first, late = recorded("early", tryfirst=True), recorded("late")
     fake_eps += [FakeEP("early", first, dist="d-early"), FakeEP("wrapping", mod, dist="d-wrap"),
                  FakeEP("late", late, dist="d-late")]
     policies = get_plugins().registry("policies")
