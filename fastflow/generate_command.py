@@ -8,6 +8,7 @@ import math
 
 import click
 
+from .engine import SOLVERS
 from .hookspecs import hookimpl
 
 
@@ -53,7 +54,7 @@ def register_commands(cli):
     @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Policy option, repeatable.")
     @click.option("--backend", default="torch", show_default=True, help="Velocity backend.")
     @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1, max=10_000))
-    @click.option("--solver", default="euler", show_default=True, type=click.Choice(["euler", "unipc", "dpm++"]))
+    @click.option("--solver", default="euler", show_default=True, type=click.Choice(SOLVERS))
     @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
                   help="Schedule shift (default: the model's).")
     @click.option("--guidance", default=None, type=float, help="Classifier-free guidance (default: the model's).")

@@ -11,7 +11,7 @@ import time
 import click
 
 from ..compare import comparison, cost, json_text, write_summary
-from ..engine import schedule_key
+from ..engine import SOLVERS, schedule_key
 from ..errors import FastFlowError, UsageFailure
 from ..modelspec import DEFAULT_MODEL, label_index
 from ..state import check_writable, user_cache_dir
@@ -34,7 +34,7 @@ from .options import RegistryOption, parse_options, state_option
               help="Policy option, repeatable: e.g. --option arms=0,2,4 --option gamma=1.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1, max=10_000),
               help="Steps of the Euler schedule (at most 10,000).")
-@click.option("--solver", default="euler", show_default=True, type=click.Choice(["euler", "unipc", "dpm++"]),
+@click.option("--solver", default="euler", show_default=True, type=click.Choice(SOLVERS),
               help="Base ODE solver; unipc and dpm++ are diffusers' multistep schedulers in flow mode.")
 @click.option("--shift", default=None, type=click.FloatRange(min=0, min_open=True),
               help="FLUX/SD3 schedule shift (default: the model's, else uniform).")
