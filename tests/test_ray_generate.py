@@ -17,10 +17,19 @@ from fastflow.ray_generate import run_on_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
+def cluster(tmp_path_factory):
+    # Ray's workers put the driver's working directory first on sys.path: started from a
+    # source checkout, they would import its fastflow/ rather than the installed package
+    # (which the non-editable CI install must test), as any user's would from a folder
+    # holding a fastflow/ directory.
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-cwd"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        yield
+    finally:
+        ray.shutdown()
+        os.chdir(here)
 
 
 def generate(out, samples, state=None, batch_size=8, **kw):
