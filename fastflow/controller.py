@@ -43,8 +43,7 @@ class SkipController:
                  "trace", "nfe", "pending", "skip_until", "prev_computed", "_err", "_err_n")
 
     def __init__(self, policy, ts: list[float]):
-        self.ts = ts
-        self.room = policy.run_lengths(len(ts) - 1) if len(ts) > 1 else [0]
+        self._set_schedule(policy, ts)
         self.run = None
         self.trace: list[Step] = []
         self.nfe = 0
@@ -65,9 +64,12 @@ class SkipController:
 
     def rebase(self, policy, ts: list[float]) -> None:
         """The schedule turned out to start elsewhere (only step 0 has been seen)."""
+        self._set_schedule(policy, ts)
+        self.trace = [s._replace(t=ts[s.k]) for s in self.trace]
+
+    def _set_schedule(self, policy, ts: list[float]) -> None:
         self.ts = ts
         self.room = policy.run_lengths(len(ts) - 1) if len(ts) > 1 else [0]
-        self.trace = [s._replace(t=ts[s.k]) for s in self.trace]
 
     def enter(self, k: int, hist, usable: bool = True) -> bool:
         """Step ``k`` begins: True if it is extrapolated, False if the model computes it.

@@ -274,8 +274,7 @@ class FastFlowHandle:
             c.device = v.device
         if not c.step_skipped and key == c.order[0]:
             self._ensure_run(c).computed(k, v)  # calibrating policies see the first branch's outputs
-        h.k_prev, h.t_prev, h.v_prev = h.k_cur, h.t_cur, h.v_cur
-        h.k_cur, h.t_cur, h.v_cur = k, t, v
+        h.push(k, t, v)
         c.templates[key] = out
         if k == c.T - 1 and c.calls_per_step and c.step_calls >= c.calls_per_step:
             self._finish_call(c, complete=True)

@@ -346,8 +346,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             if ctl.pending >= 0:  # the error of the extrapolation at this step
                 ctl.measure(v, hist, t)
                 ctl.settle()
-            hist.k_prev, hist.t_prev, hist.v_prev = hist.k_cur, hist.t_cur, hist.v_cur
-            hist.k_cur, hist.t_cur, hist.v_cur = k, t, v
+            hist.push(k, t, v)
             if stepper is None:
                 x.add_(v, alpha=h)
             else:

@@ -8,28 +8,10 @@ import math
 
 import click
 
+from .commands.options import parse_options
 from .engine import SOLVERS
+from .errors import UsageFailure
 from .hookspecs import hookimpl
-
-
-class GenerateUsageError(click.ClickException):
-    """Printed as ``Error: ...``; exit status 2, like every usage error of fastflow."""
-
-    exit_code = 2
-
-
-def parse_option_pairs(pairs) -> dict:
-    """``--option KEY=VALUE`` pairs as a dict (the values stay strings; policies parse them)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise GenerateUsageError(f"--option expects KEY=VALUE (e.g. --option tolerance=0.002), got '{pair}'")
-        if key in options:
-            raise GenerateUsageError(f"--option {key} is given twice; give each option once")
-        options[key] = value.strip()
-    return options
 
 
 @hookimpl
@@ -90,27 +72,27 @@ def register_commands(cli):
         """
         from .errors import FastFlowError
 
-        opts = parse_option_pairs(options)
+        opts = parse_options(options)
         if "state" in opts:
-            raise GenerateUsageError("give the state file as --state PATH, not --option state=...")
+            raise UsageFailure("give the state file as --state PATH, not --option state=...")
         if ray_address is None and workers is not None:
-            raise GenerateUsageError("--workers needs --ray (e.g. --ray local --workers 2); without --ray "
+            raise UsageFailure("--workers needs --ray (e.g. --ray local --workers 2); without --ray "
                                      "everything runs in this process")
         if ray_address is None and (sync_every != 1 or not share):
-            raise GenerateUsageError("--sync-every and --no-share need --ray: they set how workers merge learning")
+            raise UsageFailure("--sync-every and --no-share need --ray: they set how workers merge learning")
         if jobs_file is not None and (label_spec is not None or samples is not None or prompts_file is not None):
-            raise GenerateUsageError("--jobs lists every job; drop --labels/--samples/--prompts (or drop --jobs)")
+            raise UsageFailure("--jobs lists every job; drop --labels/--samples/--prompts (or drop --jobs)")
         if prompts_file is not None and label_spec is not None:
-            raise GenerateUsageError("--prompts and --labels exclude each other: a pipeline takes prompts, "
+            raise UsageFailure("--prompts and --labels exclude each other: a pipeline takes prompts, "
                                      "a registered model labels")
         if guidance is not None and not math.isfinite(guidance):
-            raise GenerateUsageError(f"--guidance must be a finite number, got {guidance}")
+            raise UsageFailure(f"--guidance must be a finite number, got {guidance}")
         try:
             summary = _generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file, seed, policy, opts, backend,
                                 steps, solver, shift, guidance, batch_size, state_path, ray_address, workers,
                                 threads, sync_every, share, as_json)
         except FastFlowError as exc:
-            raise GenerateUsageError(str(exc)) from None
+            raise UsageFailure(str(exc)) from None
         if as_json:
             click.echo(json.dumps(summary, allow_nan=False, default=str))
         else:
@@ -137,12 +119,12 @@ def _generate(out_dir, model_name, label_spec, samples, jobs_file, prompts_file,
                         pipeline=prompts_file is not None)
     spec = settings.spec()
     if not settings.pipeline and guidance is not None and spec.null_label is None:
-        raise GenerateUsageError(f"model '{spec.name}' has no unconditional branch; drop --guidance")
+        raise UsageFailure(f"model '{spec.name}' has no unconditional branch; drop --guidance")
     if settings.pipeline:
         from .generate_pipeline import prompt_jobs, read_prompts
 
         if backend != "torch" or solver != "euler" or shift is not None:
-            raise GenerateUsageError("with --prompts the pipeline's own scheduler and denoiser run: drop "
+            raise UsageFailure("with --prompts the pipeline's own scheduler and denoiser run: drop "
                                      "--backend/--solver/--shift")
         prompts = read_prompts(prompts_file)
         jobs = prompt_jobs(prompts, samples or len(prompts), seed)

@@ -51,6 +51,11 @@ class History:
         self.t_prev = self.t_cur = 0.0
         self.v_prev = self.v_cur = None
 
+    def push(self, k: int, t: float, v: Any) -> None:
+        """A new true velocity ``v`` at step ``k`` (time ``t``); the current one becomes the previous."""
+        self.k_prev, self.t_prev, self.v_prev = self.k_cur, self.t_cur, self.v_cur
+        self.k_cur, self.t_cur, self.v_cur = k, t, v
+
 
 class PolicyRun:
     """Per-sample decisions. The default computes every step."""
