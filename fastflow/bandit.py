@@ -324,8 +324,11 @@ class BanditPolicy(Policy):
     # -- what it learned ---------------------------------------------------------------------
     def bandit(self, k: int, k_prev: int) -> UCB1:
         """The bandit deciding at step k, after computed steps k_prev < k − 1."""
+        return self.bandits[self.bandit_index(k, k_prev)]
+
+    def bandit_index(self, k: int, k_prev: int) -> int:
         g = self.contexts
-        return self.bandits[k * g + min(k - 1 - k_prev, g) - 1] if g > 1 else self.bandits[k]
+        return k * g + min(k - 1 - k_prev, g) - 1 if g > 1 else k
 
     def schedule(self) -> list[int]:
         """The skip count each bandit currently prefers (greedy, no exploration)."""

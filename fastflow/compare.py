@@ -37,6 +37,14 @@ def keeps_state(policy_name: str) -> bool:
     return "state" in accepted_options(get_plugins().get("policies", policy_name).obj)
 
 
+def state_format(policy_name: str):
+    """The registered policy's ``STATE_FORMAT`` (None if it names none): what its learning
+    means, so a cached state learned otherwise is kept apart."""
+    from .plugins import get_plugins
+
+    return getattr(get_plugins().get("policies", policy_name).obj, "STATE_FORMAT", None)
+
+
 def resolve_policy_with_state(policy: Any, options: dict | None, state_path=None):
     """The policy object for ``policy`` (a name or an object) and its options, learning
     from and into ``state_path`` when given."""

@@ -12,7 +12,8 @@ everywhere. For one sample (one batch) and one policy it owns:
   branch computed at the next true step (float32, on the device, from
   :mod:`fastflow.estimator`), :meth:`settle` hands their mean to ``observe``;
 * the trace (:class:`Step` per step) and the NFE (computed steps; a step's branches count
-  once).
+  once), and, in a calibration that probes the sensitivity (:mod:`fastflow.sensitivity`),
+  the probe evaluations, counted apart.
 
 It never reads a tensor on the host. Decisions are per batch today; a per-sample policy
 would return one decision per row from ``decide`` and :meth:`enter` would return the
@@ -40,13 +41,15 @@ class SkipController:
     """Skip decisions for one sample; see the module docstring."""
 
     __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample",
-                 "trace", "nfe", "pending", "skip_until", "prev_computed", "_err", "_err_n")
+                 "trace", "nfe", "probe", "probes", "pending", "skip_until", "prev_computed", "_err", "_err_n")
 
     def __init__(self, policy, ts: list[float]):
         self._set_schedule(policy, ts)
         self.run = None
         self.trace: list[Step] = []
         self.nfe = 0
+        self.probe = None  # a calibration's sensitivity probe (fastflow.sensitivity.Probe)
+        self.probes = 0  # model evaluations the probe added
         self.pending = -1  # step whose decision awaits its error
         self.skip_until = -1  # steps below this one are extrapolated (the current run)
         self.prev_computed = False
@@ -61,6 +64,7 @@ class SkipController:
         self.record = run.record if run.wants_velocities else None
         self.needs_error = run.needs_error
         self.per_sample = getattr(run, "per_sample_error", False)
+        self.probe = getattr(run, "probe", None)
 
     def rebase(self, policy, ts: list[float]) -> None:
         """The schedule turned out to start elsewhere (only step 0 has been seen)."""
@@ -104,6 +108,15 @@ class SkipController:
         """The true velocity of step ``k``'s first branch (what calibrating policies see)."""
         if self.record is not None:
             self.record(k, v)
+
+    def probe_at(self, k: int) -> Any:
+        """At computed step ``k`` of a probing calibration: the perturbation e at which
+        the caller evaluates the model once more (then :meth:`probed`), or None."""
+        return None if self.probe is None else self.probe.request(k)
+
+    def probed(self, k: int, v_probe: Any, v: Any) -> None:
+        self.probe.result(k, v_probe, v)
+        self.probes += 1
 
     def measure(self, v: Any, hist, t: float) -> None:
         """A branch computed at the step after a decision: its extrapolation error,

@@ -250,8 +250,9 @@ class FastFlowHandle:
         self._pending_call = (c, k, key, h)
         return None
 
-    def _after(self, out):
-        """Record a computed output (and the extrapolation error the policy waits for)."""
+    def _after(self, out, rerun=None):
+        """Record a computed output (and the extrapolation error the policy waits for).
+        ``rerun(e)`` runs the denoiser again at its main input + e (None: it cannot)."""
         pending, self._pending_call = self._pending_call, None
         if pending is None:
             return out
@@ -273,7 +274,18 @@ class FastFlowHandle:
             c.batch_size = int(v.shape[0]) if getattr(v, "dim", lambda: 0)() else 1
             c.device = v.device
         if not c.step_skipped and key == c.order[0]:
-            self._ensure_run(c).computed(k, v)  # calibrating policies see the first branch's outputs
+            ctl = self._ensure_run(c)
+            ctl.computed(k, v)  # calibrating policies see the first branch's outputs
+            if ctl.probe is not None:  # and may probe the sensitivity there (fastflow.sensitivity)
+                e = ctl.probe_at(k)
+                probe_out = rerun(e) if e is not None and rerun is not None else None
+                if probe_out is not None and tuple(_main_tensor(probe_out).shape) == tuple(v.shape):
+                    ctl.probed(k, _main_tensor(probe_out), v)
+                    c.denoiser_calls += 1
+                elif e is not None:
+                    ctl.probe.pending = None
+                    self._warn_once("noprobe", "fastflow: the denoiser's input could not be probed (no "
+                                               "hidden_states of the output's shape); errors are priced alike at every step")
         h.push(k, t, v)
         c.templates[key] = out
         if k == c.T - 1 and c.calls_per_step and c.step_calls >= c.calls_per_step:
@@ -396,7 +408,8 @@ class FastFlowHandle:
         finally:
             # a call that fell back to computing everything computed its remaining steps too
             trace = c.ctl.trace if c.ctl is not None else []
-            computed = (c.ctl.nfe if c.ctl is not None else 0) + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0)
+            computed = ((c.ctl.nfe + c.ctl.probes if c.ctl is not None else 0)
+                        + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0))
             c.record = PipelineCall(
                 index=len(self.calls), steps=c.T, nfe=computed, denoiser_calls=c.denoiser_calls,
                 skipped=sum(1 for s in trace if not s.computed), trace=list(trace),

@@ -76,7 +76,20 @@ def _hook_class():
             out = _before(self.handle, self)
             if out is not None:
                 return out
-            return _after(self.handle, self.fn_ref.original_forward(*args, **kwargs))
+            forward = self.fn_ref.original_forward
+
+            def rerun(e):
+                """The denoiser once more at its main input + e (a calibration's probe);
+                None where that input is not of the output's shape."""
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                if not torch.is_tensor(x) or tuple(x.shape) != tuple(e.shape):
+                    return None
+                x = x + e.to(x.dtype)
+                if "hidden_states" in kwargs:
+                    return forward(*args, **{**kwargs, "hidden_states": x})
+                return forward(x, *args[1:], **kwargs)
+
+            return _after(self.handle, forward(*args, **kwargs), rerun)
 
         def reset_state(self, module):
             self.handle._end_of_call()

@@ -307,7 +307,8 @@ def make_solver(name: str, steps: int, shift: float | None, device):
 
 def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None):
     """The per-step loop, driven by a :class:`~fastflow.controller.SkipController`.
-    Returns (x, nfe, trace, whether the run was a calibration)."""
+    Returns (x, model evaluations per row (computed steps and sensitivity probes), trace,
+    whether the run was a calibration)."""
     import torch
 
     T = len(ts) - 1
@@ -343,6 +344,10 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             sums.append(v.sum())
             computed_steps.append(k)
             ctl.computed(k, v)
+            if ctl.probe is not None:  # calibration: the sensitivity at x + e (a few steps)
+                e = ctl.probe_at(k)
+                if e is not None:
+                    ctl.probed(k, velocity(x + e.to(x.dtype), t_vecs[k]), v)
             if ctl.pending >= 0:  # the error of the extrapolation at this step
                 ctl.measure(v, hist, t)
                 ctl.settle()
@@ -355,7 +360,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
         ok = True
     finally:
         ctl.close(ok)
-    return x, ctl.nfe, ctl.trace, ctl.calibrating
+    return x, ctl.nfe + ctl.probes, ctl.trace, ctl.calibrating
 
 
 def _check_velocity(v, x) -> None:

@@ -215,8 +215,10 @@ def print_summary(s: dict) -> None:
     ]
     if s.get("calibration_samples"):
         after = s.get("nfe_mean_after_calibration")
-        rows.append(("calibration", f"{s['calibration_samples']} sample(s) with every step computed "
-                                    f"({s['calibration_nfe']} evaluations); the rest: "
+        probes = s["calibration_nfe"] - s["calibration_samples"] * s["nfe_full"]
+        rows.append(("calibration", f"{s['calibration_samples']} sample(s) with every step computed"
+                                    + (f" and {probes} sensitivity probe(s)" if probes > 0 else "")
+                                    + f" ({s['calibration_nfe']} evaluations); the rest: "
                                     + (f"{after:.2f} NFE = {s['nfe_full'] / after:.2f}x" if after else "none")))
     if s.get("learned"):
         rows.append(("learned", s["learned"]))

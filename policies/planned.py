@@ -25,7 +25,8 @@ import math
 from fastflow import estimator
 from fastflow.errors import OptionError, StateFileError
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import PlannedRun, Policy, PolicyRun, opt_float, opt_int, skips_until_computed
+from fastflow.sensitivity import Probe, profile
+from fastflow.policy import PlannedRun, Policy, PolicyRun, opt_bool, opt_float, opt_int, skips_until_computed
 from fastflow.state import read_state, write_state
 
 
@@ -35,18 +36,22 @@ class _Calibration(PolicyRun):
 
     def __init__(self, policy: "PlannedPolicy", timesteps):
         self.policy, self.ts, self.vs = policy, timesteps, []
+        self.probe = None if not policy.probe_sensitivity else Probe(timesteps, policy.run_lengths(len(timesteps) - 1), self.vs)
 
     def record(self, k, v):
         self.vs.append(v)
 
     def close(self, ok=True):
         if ok and len(self.vs) == len(self.ts) - 1:
-            self.policy._add_calibration(run_costs(self.vs, self.ts, self.policy.max_skip))
+            sens = profile((self.probe.values() if self.probe is not None else {}), len(self.ts) - 1)
+            self.policy._add_calibration(run_costs(self.vs, self.ts, self.policy.max_skip, sens))
 
 
-def run_costs(vs, ts, max_skip: int) -> dict:
+def run_costs(vs, ts, max_skip: int, sensitivity: list[float] | None = None) -> dict:
     """(p, c, L) → mean squared effect on the final sample of extrapolating L steps
-    after computed steps p < c from their true velocities. One transfer at the end."""
+    after computed steps p < c from their true velocities: the run's error in the state,
+    grown by the sensitivity where it lands (step c + L + 1; :mod:`fastflow.sensitivity`,
+    1 without it). One transfer at the end."""
     import torch
 
     T = len(vs)
@@ -63,6 +68,8 @@ def run_costs(vs, ts, max_skip: int) -> dict:
                 keys.append((p, c, L))
                 vals.append(e.square().mean())
     values = torch.stack(vals).double().tolist() if vals else []
+    if sensitivity is not None:
+        values = [v * sensitivity[c + L + 1] for (p, c, L), v in zip(keys, values)]
     return dict(zip(keys, values))
 
 
@@ -114,14 +121,18 @@ class PlannedPolicy(Policy):
         speedup: used when ``nfe`` is not given (default 3.0).
         max_skip: longest run of extrapolated steps (default 8).
         calibrate: full generations averaged before planning (default 1).
+        sensitivity: probe how much an error at each time grows by the end and weigh
+            the run costs by it (default true; 12 extra evaluations (on 50 steps) of each calibration
+            row, :mod:`fastflow.sensitivity`).
         state: JSON file to load the plan from (if it exists) and save it to.
     """
 
     name = "planned"
 
     def __init__(self, *, nfe=None, speedup: float = 3.0, max_skip: int = 8, calibrate: int = 1,
-                 state=None, **common):
+                 sensitivity=True, state=None, **common):
         super().__init__(**common)
+        self.probe_sensitivity = opt_bool("sensitivity", sensitivity)
         self.nfe = None if nfe is None else opt_int("nfe", nfe, lo=1)
         self.speedup = opt_float("speedup", speedup, lo=1.0)
         self.max_skip = opt_int("max_skip", max_skip, lo=1)
@@ -183,7 +194,8 @@ class PlannedPolicy(Policy):
             self._skips = skips_until_computed(computed, key["steps"])
 
     def _plan_options(self, steps: int) -> dict:
-        return {"nfe": self.budget(steps), "max_skip": self.max_skip, "warmup": self.warmup,
+        return {"nfe": self.budget(steps), "max_skip": self.max_skip, "sensitivity": self.probe_sensitivity,
+                "warmup": self.warmup,
                 "window_start": self.window_start, "window_end": self.window_end}
 
     def save(self, path=None) -> None:
@@ -197,7 +209,7 @@ class PlannedPolicy(Policy):
 
     def options(self):
         return {"nfe": self.nfe, "speedup": self.speedup, "max_skip": self.max_skip,
-                "calibrate": self.calibrate, **super().options()}
+                "calibrate": self.calibrate, "sensitivity": self.probe_sensitivity, **super().options()}
 
 
 @hookimpl

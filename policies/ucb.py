@@ -31,8 +31,9 @@ import math
 
 from fastflow import estimator
 from fastflow.bandit import BanditPolicy
+from fastflow.sensitivity import Probe, profile
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import PolicyRun, opt_float, opt_int
+from fastflow.policy import PolicyRun, opt_bool, opt_float, opt_int
 
 
 def run_weight(ts, t_prev: float, t_cur: float, k: int, n: int) -> float:
@@ -58,13 +59,14 @@ class _Calibration(PolicyRun):
 
     def __init__(self, policy: "UCBPolicy", ctx):
         self.policy, self.ts, self.vs = policy, ctx.timesteps, []
+        self.probe = None if not policy.probe_sensitivity else Probe(self.ts, policy.run_lengths(ctx.steps), self.vs)
 
     def record(self, k, v):
         self.vs.append(v)
 
     def close(self, ok=True):
         if ok and len(self.vs) == len(self.ts) - 1:
-            self.policy._calibrate(self.vs, self.ts)
+            self.policy._calibrate(self.vs, self.ts, (self.probe.values() if self.probe is not None else {}))
 
 
 class _Bandits(PolicyRun):
@@ -78,11 +80,14 @@ class _Bandits(PolicyRun):
         self.errors = []
 
     def decide(self, k, hist):
-        bandit = self.policy.bandit(k, hist.k_prev)
+        policy = self.policy
+        index = policy.bandit_index(k, hist.k_prev)
+        bandit = policy.bandits[index]
         arm = bandit.choose()
         skip = self.arms[arm]
         n = min(skip, self.room[k])
-        self.decisions.append((bandit, arm, n, run_weight(self.ts, hist.t_prev, hist.t_cur, k, n) if n else 0.0))
+        self.decisions.append((bandit, arm, n, policy.cost_factor(index, arm, self.ts, hist.t_prev, hist.t_cur, k, n)
+                               if n else 0.0))
         return skip
 
     def observe(self, k, err):
@@ -97,11 +102,11 @@ class _Bandits(PolicyRun):
         flat = torch.cat(self.errors).double().tolist()  # the sample's one transfer
         price = self.policy._price
         i = 0
-        for (bandit, arm, skipped, w), n in zip(self.decisions, sizes):
+        for (bandit, arm, skipped, factor), n in zip(self.decisions, sizes):
             errs = [e for e in flat[i:i + n] if math.isfinite(e)]
             i += n
             if errs:
-                reward = 0.0 if skipped == 0 else skipped - price * w * w * sum(errs) / len(errs)
+                reward = 0.0 if skipped == 0 else skipped - price * factor * sum(errs) / len(errs)
                 bandit.update(arm, reward, len(errs))
         self.policy.samples += max(sizes)
 
@@ -111,12 +116,16 @@ class UCBPolicy(BanditPolicy):
 
     Options:
         tolerance: the relative RMS error (against the model's velocity RMS) that one
-            skipped step may add to the sample (default 0.0025). Smaller: closer to the full
-            output, fewer skips. Independent of the model's units.
+            skipped step may add to the output, after the sensitivity (default 0.005).
+            Smaller: closer to the full output, fewer skips. Independent of the model's units.
         arms: skip counts the bandits choose among (default ``0,1,2,3,4,6,8``).
         gamma: UCB1 exploration constant, in skipped steps (default 0.5).
         calibrate: samples that compute every step to calibrate (default 1, the first
             sample of the first batch; the rest of that batch is accelerated).
+        sensitivity: probe, in the calibration, how much an error at each time grows by
+            the end, and price errors by it (default true; :mod:`fastflow.sensitivity`, 12
+            extra evaluations of the calibration sample on 50 steps). False prices every
+            step's error alike, as the paper does.
         state: JSON file to load learning from and save it to (merged under a lock with
             what other processes saved meanwhile). ``fastflow run`` keeps one per model
             and schedule in the user cache unless told ``--state`` or ``--no-state``.
@@ -124,17 +133,29 @@ class UCBPolicy(BanditPolicy):
 
     name = "ucb"
 
-    def __init__(self, *, tolerance: float = 0.0025, arms="0,1,2,3,4,6,8", gamma: float = 0.5,
-                 calibrate: int = 1, state=None, **common):
+    def __init__(self, *, tolerance: float = 0.005, arms="0,1,2,3,4,6,8", gamma: float = 0.5,
+                 calibrate: int = 1, sensitivity=True, state=None, **common):
         self.tolerance = opt_float("tolerance", tolerance, lo=0.0, lo_open=True)
+        self.probe_sensitivity = opt_bool("sensitivity", sensitivity)
         self.calibrate = opt_int("calibrate", calibrate, lo=1)
         self.scale: float | None = None  # σ², the calibration's mean squared velocity
+        self.sensitivity: list[float] | None = None  # A(t_j), fastflow.sensitivity
+        self.correction: list[list[float]] | None = None  # per bandit and arm: actual / estimated run error
         super().__init__(arms=arms, gamma=gamma, state=state, **common)
 
     @property
     def _price(self) -> float:
         """Reward lost per unit of w²·MSE: 1 / (σ² · tolerance²)."""
         return 1.0 / (self.scale * self.tolerance ** 2)
+
+    def cost_factor(self, index: int, arm: int, ts, t_prev: float, t_cur: float, k: int, n: int) -> float:
+        """What turns the velocity error measured at step j = k + n into the run's cost in
+        the output: A(t_j) · c · w², with w from :func:`run_weight` and c the calibration's
+        ratio of the run's actual state error to that estimate (1 before calibration)."""
+        w = run_weight(ts, t_prev, t_cur, k, n)
+        a = self.sensitivity[k + n] if self.sensitivity else 1.0
+        c = self.correction[index][arm] if self.correction else 1.0
+        return a * c * w * w
 
     @property
     def contexts(self) -> int:
@@ -154,37 +175,61 @@ class UCBPolicy(BanditPolicy):
             return _Calibration(self, ctx)
         return _Bandits(self, self.run_lengths(ctx.steps), ctx.timesteps)
 
-    def _calibrate(self, vs, ts) -> None:
-        """σ² and one prior pull per arm and sample at every bandit, from a full trajectory."""
+    def _calibrate(self, vs, ts, probes: dict | None = None) -> None:
+        """σ², the sensitivity, the estimate's correction and one prior pull per arm and
+        sample at every bandit, from a full trajectory.
+
+        For every cell (step k, history pair g apart, arm n) the trajectory gives the
+        run's actual error in the state, E = Σ_{i<k+n} h_i (v̂_i − v_i), and the error the
+        bandits can measure after it, MSE(v̂_j, v_j) at j = k + n. The prior pull prices E
+        (times A(t_j)); the ratio mean(E²) / (w² · MSE) corrects what later pulls measure."""
         import torch
 
         T = len(vs)
         room = self.run_lengths(T)
-        cells, errs = [], []
+        if self.sensitivity is None and probes:
+            self.sensitivity = profile(probes, T)
+        cells, errs, actual = [], [], []
         for k in range(2, T):
             if not room[k]:
                 continue
             for g in range(1, min(self.contexts, k - 1) + 1):  # history pair (k−1−g, k−1)
                 p, c = k - 1 - g, k - 1
-                bandit = self.bandit(k, p)
-                for arm, a in enumerate(self.arms):
+                index = self.bandit_index(k, p)
+                state_err, done = None, k
+                for arm, a in sorted(enumerate(self.arms), key=lambda x: x[1]):
                     n = min(a, room[k])
-                    if n:
-                        cells.append((bandit, arm, n, run_weight(ts, ts[p], ts[c], k, n)))
-                        errs.append(estimator.error(vs[k + n], vs[p], vs[c], ts[p], ts[c], ts[k + n],
-                                                    per_sample=True).reshape(-1))
+                    if not n:
+                        continue
+                    for i in range(done, k + n):  # E grows with the run, one skipped step at a time
+                        term = (estimator.extrapolate(vs[p], vs[c], ts[p], ts[c], ts[i]) - vs[i]).float() * (ts[i + 1] - ts[i])
+                        state_err = term if state_err is None else state_err + term
+                    done = k + n
+                    cells.append((index, arm, n, run_weight(ts, ts[p], ts[c], k, n), self.sensitivity[k + n]
+                                  if self.sensitivity else 1.0))
+                    errs.append(estimator.error(vs[k + n], vs[p], vs[c], ts[p], ts[c], ts[k + n],
+                                                per_sample=True).reshape(-1))
+                    actual.append(state_err.flatten(1).square().mean(1) if state_err.dim() > 1
+                                  else state_err.square().reshape(-1))
         scale_t = torch.stack([v.float().square().mean() for v in vs]).mean()
-        host = torch.cat([scale_t.reshape(1).double()] + [e.double() for e in errs]).tolist()  # one transfer
+        host = torch.cat([scale_t.reshape(1).double()] + [e.double() for e in errs]
+                         + [e.double() for e in actual]).tolist()  # one transfer
         scale = host[0]
         if not (math.isfinite(scale) and scale > 0):
             return  # an all-zero or broken model: stay uncalibrated (every step computed)
         self.scale = scale
         rows = vs[0].shape[0] if vs[0].dim() else 1
-        flat = host[1:]
-        for i, (bandit, arm, n, w) in enumerate(cells):
-            for e in flat[i * rows:(i + 1) * rows]:
-                if math.isfinite(e):
-                    bandit.update(arm, n - self._price * w * w * e)
+        measured, real = host[1:1 + len(cells) * rows], host[1 + len(cells) * rows:]
+        correction = [[1.0] * len(self.arms) for _ in self.bandits]
+        for i, (index, arm, n, w, a) in enumerate(cells):
+            m = [x for x in measured[i * rows:(i + 1) * rows] if math.isfinite(x)]
+            r = [x for x in real[i * rows:(i + 1) * rows] if math.isfinite(x)]
+            if m and r and sum(m) * w * w > 0:
+                correction[index][arm] = sum(r) / (sum(m) * w * w)
+            for e in r:
+                self.bandits[index].update(arm, n - self._price * a * e)
+        if self.correction is None:
+            self.correction = correction
         for k in range(2, T):  # arm 0 (and arms the room clamps to 0) cost nothing
             if room[k]:
                 for g in range(1, min(self.contexts, k - 1) + 1):
@@ -201,14 +246,24 @@ class UCBPolicy(BanditPolicy):
 
             raise StateFileError(f"state file {path} was learned by the paper's rule, which is now "
                                  f"'ucb-paper' (use --policy ucb-paper with it), or pass another --state path")
+        stored = data.get("options")
+        if isinstance(stored, dict) and stored.get("rewards") != self.REWARDS:
+            from fastflow.errors import StateFileError
+
+            raise StateFileError(f"state file {path} was learned by an older ucb whose rewards did not weigh "
+                                 f"errors by the model's sensitivity; it was left untouched. Pass another "
+                                 f"--state path (or delete it to learn again).")
         super()._check_stored(data, path)
 
+    STATE_FORMAT = REWARDS = "sensitivity-1"  # how rewards are priced: state learned otherwise is kept apart
+
     def _stored_options(self):
-        return {"arms": self.arms, "tolerance": self.tolerance, "window_start": self.window_start,
+        return {"rewards": self.REWARDS, "sensitivity": self.probe_sensitivity, "arms": self.arms,
+                "tolerance": self.tolerance, "window_start": self.window_start,
                 "window_end": self.window_end, "warmup": self.warmup}
 
     def _extra_state(self):
-        return {"scale": self.scale}
+        return {"scale": self.scale, "sensitivity": self.sensitivity, "correction": self.correction}
 
     def _load_extra(self, data):
         scale = data.get("scale")
@@ -216,14 +271,35 @@ class UCBPolicy(BanditPolicy):
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
                 raise ValueError(f"'scale' is {scale!r}; it must be a finite number > 0")
             self.scale = float(scale)
+        sens = data.get("sensitivity")
+        if sens is not None:
+            steps = self.key["steps"] if self.key else None
+            if (not isinstance(sens, list) or (steps is not None and len(sens) != steps + 1)
+                    or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0
+                               for a in sens)):
+                raise ValueError("'sensitivity' must list one finite number > 0 per step and the end")
+            self.sensitivity = [float(a) for a in sens]
+        corr = data.get("correction")
+        if corr is not None:
+            if (not isinstance(corr, list) or len(corr) != len(self.bandits)
+                    or not all(isinstance(row, list) and len(row) == len(self.arms) for row in corr)
+                    or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                               for row in corr for c in row)):
+                raise ValueError(f"'correction' must hold {len(self.bandits)} rows of {len(self.arms)} finite "
+                                 f"numbers >= 0 (one per bandit and arm)")
+            self.correction = [[float(c) for c in row] for row in corr]
 
     def _merge_extra(self, disk):
         if self.scale is None and disk.get("scale") is not None:
             self.scale = float(disk["scale"])
+        if self.sensitivity is None and disk.get("sensitivity") is not None:
+            self.sensitivity = [float(a) for a in disk["sensitivity"]]
+        if self.correction is None and disk.get("correction") is not None:
+            self.correction = [[float(c) for c in row] for row in disk["correction"]]
 
     def options(self):
         return {"tolerance": self.tolerance, "arms": self.arms, "gamma": self.gamma,
-                "calibrate": self.calibrate, **super().options()}
+                "calibrate": self.calibrate, "sensitivity": self.probe_sensitivity, **super().options()}
 
 
 @hookimpl

@@ -54,6 +54,13 @@ def no_entry_points(monkeypatch):
     monkeypatch.setenv("FASTFLOW_LOAD_PLUGINS", "")
 
 
+def calibration_nfe(policy, steps: int) -> int:
+    """Evaluations of a calibration row: every step, and the sensitivity probes."""
+    from fastflow.sensitivity import probe_steps
+
+    return steps + len(probe_steps(steps, policy.run_lengths(steps)))
+
+
 def linear_velocity(a, b):
     """v(x, t) = a + b·t, independent of x: the extrapolation of FastFlow is exact for it."""
 

@@ -62,9 +62,14 @@ def test_table_output(tmp_path):
 def test_ucb_state_file_round_trip_through_the_cli(tmp_path):
     state = tmp_path / "ucb.json"
     first = run_json(tmp_path, "--policy", "ucb", "--state", str(state), "--batch-size", "2")
-    # the first sample calibrates alone (all 20 steps); every other sample is accelerated
-    assert first["calibration_samples"] == 1 and first["calibration_nfe"] == 20
-    assert first["nfe_per_sample"][0] == 20 and max(first["nfe_per_sample"][1:]) < 20
+    # the first sample calibrates alone (all 20 steps and the sensitivity probes); every
+    # other sample is accelerated
+    import fastflow
+    from conftest import calibration_nfe
+
+    cal = calibration_nfe(fastflow.get_policy("ucb"), 20)
+    assert first["calibration_samples"] == 1 and first["calibration_nfe"] == cal
+    assert first["nfe_per_sample"][0] == cal and max(first["nfe_per_sample"][1:]) < 20
     assert first["nfe_mean"] == sum(first["nfe_per_sample"]) / len(first["nfe_per_sample"])
     assert first["nfe_mean_after_calibration"] == sum(first["nfe_per_sample"][1:]) / (len(first["nfe_per_sample"]) - 1)
     data = json.loads(state.read_text())
@@ -93,9 +98,9 @@ def test_the_human_summary_says_what_calibration_cost_and_what_was_learned(tmp_p
     result = invoke("run", "--model", "gmm", "--steps", "20", "--samples", "8", "--batch-size", "4",
                     "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
-    assert "calibration" in result.output and "1 sample(s) with every step computed (20 evaluations)" in result.output
+    assert "calibration" in result.output and "1 sample(s) with every step computed and 5 sensitivity probe(s) (25 evaluations)" in result.output
     assert "learned" in result.output and "greedy schedule computes" in result.output
-    assert "(min " in result.output and "max 20)" in result.output
+    assert "(min " in result.output and "max 25)" in result.output  # the calibration sample
 
 
 @pytest.mark.parametrize("args,needle", [

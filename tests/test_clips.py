@@ -8,6 +8,8 @@ import torch
 import fastflow
 from fastflow.demo import clips
 
+from conftest import calibration_nfe
+
 
 def test_rendered_clips_move_the_way_their_label_says():
     labels = torch.arange(64) % 8
@@ -48,4 +50,4 @@ def test_the_cli_runs_the_clip_model_by_direction_name(tmp_path):
                                       "--json", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
-    assert s["model"] == "clips" and s["class_accuracy_reference"] is not None and s["nfe_per_sample"][0] == 10
+    assert s["model"] == "clips" and s["class_accuracy_reference"] is not None and s["nfe_per_sample"][0] == calibration_nfe(fastflow.get_policy("ucb"), 10)

@@ -12,6 +12,8 @@ import fastflow
 from fastflow.errors import OptionError, StateFileError
 from fastflow.bandit import UCB1
 
+from conftest import calibration_nfe
+
 GMM = None
 
 
@@ -48,7 +50,8 @@ def test_no_policy_skips_past_the_end_below_warmup_or_outside_its_window(spec, s
     for i in range(samples):  # learning policies change their choices between samples
         out = run(pol, steps=steps, batch=1, seed=i)
         assert [s.k for s in out.trace] == list(range(steps))
-        assert out.nfe == sum(s.computed for s in out.trace)
+        probes = calibration_nfe(pol, steps) - steps if out.calibration_samples else 0
+        assert out.nfe == sum(s.computed for s in out.trace) + probes
         for s in out.trace:
             if not s.computed:
                 assert s.k >= pol.warmup
@@ -270,7 +273,7 @@ def test_planned_hits_its_budget_and_beats_fixed_at_equal_nfe():
     # calibrated on the measured seeds themselves: the plan is the least-error one for these
     # trajectories (on other seeds it beats fixed on most, not all: 2 of 3 tried)
     first = fastflow.sample(model, noise, steps=50, policy=pol, label=label)
-    assert first.nfe == 50  # calibration
+    assert first.nfe == calibration_nfe(pol, 50)  # calibration: every step and the sensitivity probes
     planned = fastflow.sample(model, noise, steps=50, policy=pol, label=label)
     fixed = fastflow.sample(model, noise, steps=50, policy="fixed", label=label)
     assert planned.nfe == fixed.nfe == 18

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastflow
+from fastflow import sensitivity
 from fastflow.errors import OptionError, StateFileError
 from fastflow.policies.ucb import run_weight
 
@@ -24,9 +25,12 @@ def test_straight_flow_rewards_are_exactly_the_steps_skipped_and_calibration_cos
     pol = fastflow.get_policy("ucb")
     noise = torch.zeros(4, 2)
     out = fastflow.sample(linear_velocity(a, b), noise, steps=20, policy=pol, model_key="line")
-    # row 0 calibrates alone (20 evaluations); rows 1-3 take the longest arm (8) at once:
-    # computed 0, 1, then 10 (after skipping 2-9), then 19 (11-18 skipped; the last is computed)
-    assert out.nfe_per_sample == [20, 4, 4, 4] and out.calibration_samples == 1 and out.nfe == 8.0
+    # row 0 calibrates alone (20 evaluations, and the sensitivity probes: 1 each, as the
+    # extrapolation is exact they find no error to grow); rows 1-3 take the longest arm (8)
+    # at once: computed 0, 1, then 10 (after skipping 2-9), then 19 (11-18 skipped)
+    cal = 20 + len(sensitivity.probe_steps(20, pol.run_lengths(20)))
+    assert out.nfe_per_sample == [cal, 4, 4, 4] and out.calibration_samples == 1 and out.nfe == (cal + 12) / 4
+    assert pol.sensitivity == pytest.approx([1.0] * 21)  # the field does not depend on x: A = 1
     assert [s.k for s in out.trace if s.computed] == [0, 1, 10, 19]
     exact = noise + sum((t1 - t0) * (a + b * t0) for t0, t1 in zip(fastflow.schedule.timesteps(20),
                                                                      fastflow.schedule.timesteps(20)[1:]))

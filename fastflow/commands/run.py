@@ -190,7 +190,7 @@ def _choose_state(policy_name, options, state_path, no_state, model_key, sched_k
     that learns, a file in the user cache keyed to model, schedule and options."""
     import hashlib
 
-    from ..compare import keeps_state
+    from ..compare import keeps_state, state_format
 
     learns = keeps_state(policy_name)
     if state_path is not None:
@@ -199,7 +199,9 @@ def _choose_state(policy_name, options, state_path, no_state, model_key, sched_k
         return state_path, "given"
     if no_state or not learns:
         return None, None
-    ident = json.dumps([model_key, sched_key, sorted(options.items())], sort_keys=True)
+    ident = [model_key, sched_key, sorted(options.items())]
+    fmt = state_format(policy_name)
+    ident = json.dumps(ident + ([fmt] if fmt is not None else []), sort_keys=True)
     digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(model_key))[:60]
     return str(user_cache_dir() / f"{policy_name}-{safe}-{digest}.json"), "cache"
