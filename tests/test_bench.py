@@ -6,7 +6,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+import fastflow
 from fastflow.cli import cli
+
+from conftest import calibration_nfe
 
 pytestmark = pytest.mark.slow  # exports, wheels, subprocesses: seconds each
 
@@ -43,9 +46,11 @@ def test_nfe_figures_are_exact(quick):
     assert rows["euler-20"]["nfe"] == 20 and rows["euler-20"]["psnr_full_db"] == 100.0  # identical (capped)
     assert rows["euler-8"]["nfe"] == 8 and rows["unipc-8"]["nfe"] == 8
     assert rows["planned-8"]["nfe"] == 8 and rows["unipc+planned-8"]["nfe"] == 8
-    # ucb calibrates on the first sample of the first batch of 4 and accelerates the other 3
+    # ucb calibrates on the first sample of the first batch of 4 (every step and the
+    # sensitivity probes) and accelerates the other 3
+    cal = calibration_nfe(fastflow.get_policy("ucb"), 20)
     first = result["curves"]["ucb-cold"]["nfe"][0]
-    assert first < 20 and (4 * first - 20) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
+    assert first < cal and (4 * first - cal) % 3 == 0 and len(result["curves"]["ucb-cold"]["nfe"]) == 4
 
 
 def test_full_sweep_methods_have_exact_nfe(tmp_path):
@@ -58,7 +63,8 @@ def test_full_sweep_methods_have_exact_nfe(tmp_path):
     assert rows["fixed-2"]["nfe"] == 8  # 0,1 then 4,7,10,13,16 and 19
     assert rows["dpm++-8"]["nfe"] == 8
     # cold policies pay for learning on the measured samples: 4 batches, the first fully computed
-    assert rows["planned-cold"]["nfe"] == pytest.approx((20 + 3 * 8) / 4)
+    # (planned calibrates a whole batch: each of its rows also runs the sensitivity probes)
+    assert rows["planned-cold"]["nfe"] == pytest.approx((calibration_nfe(fastflow.get_policy("planned"), 20) + 3 * 8) / 4)
 
 
 def test_wall_speedup_is_the_all_steps_price_timed_beside_each_row_over_its_time(quick):
