@@ -478,10 +478,14 @@ def _plots(result: dict, out_dir: Path) -> None:
             a2.plot(range(1, len(c["psnr_full_db"]) + 1), [min(p, 80.0) for p in c["psnr_full_db"]], marker="o", label=name)
         a1.set_title("NFE per batch, fresh state")
         a2.set_title("PSNR vs full-step output per batch (dB)")
+        from matplotlib.ticker import MaxNLocator
+
         for a in (a1, a2):
-            a.set_xlabel("batch")
+            a.set_xlabel("batch (in the order run; the first one calibrates)")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
             a.grid(alpha=0.3)
             a.legend()
+        fig.suptitle(f"{result['model']}: learning from nothing, batch by batch (cold policies)")
         fig.tight_layout()
         fig.savefig(out_dir / "learning.png", dpi=110)
         plt.close(fig)
