@@ -283,7 +283,7 @@ class FastFlowHandle:
                     ctl.probed(k, _main_tensor(probe_out), v)
                     c.denoiser_calls += 1
                 elif e is not None:
-                    ctl.probe.pending = None
+                    ctl.probe.cancel()
                     self._warn_once("noprobe", "fastflow: the denoiser's input could not be probed (no "
                                                "hidden_states of the output's shape); errors are priced alike at every step")
         h.push(k, t, v)

@@ -39,6 +39,17 @@ def error(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float
     return d.flatten(1).mean(1) if per_sample and d.dim() > 1 else d.mean()
 
 
+def state_errors(vs: list[Any], ts: list[float], p: int, c: int, start: int):
+    """Yield (i, E_i) for i = start, start+1, ...: the error a skip run of steps
+    start..i leaves in the state, E_i = Σ h_j (v̂_j − v_j), extrapolating from the true
+    velocities at p < c (``vs``: a full trajectory's true velocities; float32)."""
+    e = None
+    for i in range(start, len(vs)):
+        term = (extrapolate(vs[p], vs[c], ts[p], ts[c], ts[i]) - vs[i]).float() * (ts[i + 1] - ts[i])
+        e = term if e is None else e + term
+        yield i, e
+
+
 def history_error(v: Any, hist, t: float, per_sample: bool = False) -> Any:
     """:func:`error` of the extrapolation from a :class:`fastflow.policy.History`."""
     return error(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, per_sample)

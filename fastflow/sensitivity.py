@@ -43,12 +43,9 @@ def probe_steps(steps: int, room: list[int], count: int | None = None) -> list[i
 def perturbation(vs: list[Any], ts: list[float], j: int) -> Any:
     """e_j = Σ h_i (v̂_i − v_i) over i = j−2, j−1, extrapolating from the true
     velocities at j−4 and j−3 (``vs`` must hold steps 0..j−1)."""
-    p, c = j - PROBE_RUN - 2, j - PROBE_RUN - 1
-    e = None
-    for i in range(j - PROBE_RUN, j):
-        term = (estimator.extrapolate(vs[p], vs[c], ts[p], ts[c], ts[i]) - vs[i]).float() * (ts[i + 1] - ts[i])
-        e = term if e is None else e.add_(term)
-    return e
+    for i, e in estimator.state_errors(vs, ts, j - PROBE_RUN - 2, j - PROBE_RUN - 1, j - PROBE_RUN):
+        if i == j - 1:
+            return e
 
 
 def amplification(e: Any, v_probe: Any, v: Any, t: float) -> Any:
@@ -95,6 +92,10 @@ class Probe:
         e = perturbation(self.vs, self.ts, k)
         self.pending = (k, e)
         return e
+
+    def cancel(self) -> None:
+        """The requested evaluation could not be made: no value at that step."""
+        self.pending = None
 
     def result(self, k: int, v_probe: Any, v: Any) -> None:
         j, e = self.pending

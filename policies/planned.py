@@ -58,13 +58,10 @@ def run_costs(vs, ts, max_skip: int, sensitivity: list[float] | None = None) -> 
     keys, vals = [], []
     for c in range(1, T - 1):
         for p in range(max(0, c - max_skip - 1), c):
-            e = torch.zeros_like(vs[c])
-            for L in range(1, max_skip + 1):
-                j = c + L
-                if j >= T - 1:  # the last step is always computed
+            for j, e in estimator.state_errors(vs, ts, p, c, c + 1):
+                L = j - c
+                if L > max_skip or j >= T - 1:  # the last step is always computed
                     break
-                h = ts[j + 1] - ts[j]
-                e = e + h * (estimator.extrapolate(vs[p], vs[c], ts[p], ts[c], ts[j]) - vs[j])
                 keys.append((p, c, L))
                 vals.append(e.square().mean())
     values = torch.stack(vals).double().tolist() if vals else []

@@ -196,15 +196,13 @@ class UCBPolicy(BanditPolicy):
             for g in range(1, min(self.contexts, k - 1) + 1):  # history pair (k−1−g, k−1)
                 p, c = k - 1 - g, k - 1
                 index = self.bandit_index(k, p)
-                state_err, done = None, k
-                for arm, a in sorted(enumerate(self.arms), key=lambda x: x[1]):
+                runs = estimator.state_errors(vs, ts, p, c, k)
+                state = dict(next(runs) for _ in range(min(max(self.arms), room[k])))  # step → E
+                for arm, a in enumerate(self.arms):
                     n = min(a, room[k])
                     if not n:
                         continue
-                    for i in range(done, k + n):  # E grows with the run, one skipped step at a time
-                        term = (estimator.extrapolate(vs[p], vs[c], ts[p], ts[c], ts[i]) - vs[i]).float() * (ts[i + 1] - ts[i])
-                        state_err = term if state_err is None else state_err + term
-                    done = k + n
+                    state_err = state[k + n - 1]
                     cells.append((index, arm, n, run_weight(ts, ts[p], ts[c], k, n), self.sensitivity[k + n]
                                   if self.sensitivity else 1.0))
                     errs.append(estimator.error(vs[k + n], vs[p], vs[c], ts[p], ts[c], ts[k + n],
@@ -247,7 +245,7 @@ class UCBPolicy(BanditPolicy):
             raise StateFileError(f"state file {path} was learned by the paper's rule, which is now "
                                  f"'ucb-paper' (use --policy ucb-paper with it), or pass another --state path")
         stored = data.get("options")
-        if isinstance(stored, dict) and stored.get("rewards") != self.REWARDS:
+        if isinstance(stored, dict) and stored.get("rewards") != self.STATE_FORMAT:
             from fastflow.errors import StateFileError
 
             raise StateFileError(f"state file {path} was learned by an older ucb whose rewards did not weigh "
@@ -255,10 +253,10 @@ class UCBPolicy(BanditPolicy):
                                  f"--state path (or delete it to learn again).")
         super()._check_stored(data, path)
 
-    STATE_FORMAT = REWARDS = "sensitivity-1"  # how rewards are priced: state learned otherwise is kept apart
+    STATE_FORMAT = "sensitivity-1"  # how rewards are priced: state learned otherwise is kept apart
 
     def _stored_options(self):
-        return {"rewards": self.REWARDS, "sensitivity": self.probe_sensitivity, "arms": self.arms,
+        return {"rewards": self.STATE_FORMAT, "sensitivity": self.probe_sensitivity, "arms": self.arms,
                 "tolerance": self.tolerance, "window_start": self.window_start,
                 "window_end": self.window_end, "warmup": self.warmup}
 
