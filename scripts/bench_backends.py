@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-dir", default=None, help="reuse (or keep) the TensorRT engine here (cuda)")
     ap.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch-compile backend (CPU)")
+    ap.add_argument("--int8", action="store_true",
+                    help="add torch's dynamic int8 quantization of the Linear layers (CPU), and report its "
+                         "quality cost: PSNR of 16 all-steps samples against fp32 on the same seeds")
     args = ap.parse_args(argv)
 
     import torch
@@ -154,6 +157,8 @@ def _bench(args, model, described, work: Path, batches, reps, threads) -> int:
                 tc(torch.randn(2, 3, 32, 32), torch.rand(2), label=torch.tensor([1, 36]))
             print(f"torch-compile: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
             backends["torch-compile cpu fp32"] = tc
+        if args.int8:
+            backends["torch eager int8 (dynamic)"] = _int8(model)
     else:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -230,11 +235,51 @@ def _bench(args, model, described, work: Path, batches, reps, threads) -> int:
     for r in rows:
         print(f"| {r['backend']} | {r['batch']} | {r['ms_per_eval']:.2f} | {r['min_ms']:.2f} | {r[base_key]:.2f}x | "
               + (f"{r['cpu_ms_per_eval']:.1f} | " if cpu_col else "") + f"{r['max_abs_error_vs_torch_fp32']:.2g} |")
+    if args.int8 and args.device == "cpu":
+        quality = _int8_quality(args.model, model, backends["torch eager int8 (dynamic)"])
+        print(f"\nint8 quality: {quality}")
+        rows.append({"backend": "torch eager int8 (dynamic)", "quality": quality})
     if args.json_path:
         info = {"model": described, "device": device_name, "torch": torch.__version__, "threads": threads,
                 "reps": reps, "rows": rows, "versions": _versions()}
         Path(args.json_path).write_text(json.dumps(info, indent=1))
     return 0
+
+
+def _int8(model):
+    """``model`` with every nn.Linear quantized to int8 weights, activations quantized per
+    call (torch.ao dynamic quantization; fbgemm kernels on x86)."""
+    import copy
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that the API moves to torchao
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _int8_quality(name: str, model, quantized, samples: int = 16) -> dict:
+    """PSNR and class accuracy of all-steps samples (the model's defaults) from the int8
+    model against the fp32 model on the same seeds."""
+    import torch
+
+    import fastflow
+    from fastflow.metrics import psnr
+
+    spec = fastflow.get_model(name)
+    noise = torch.randn((samples, *spec.shape), generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(samples) % spec.num_labels
+    kw = {"label": labels, "shift": spec.default_shift, "policy": "none"}
+    if spec.default_guidance is not None:
+        kw.update(guidance=spec.default_guidance, uncond={"label": torch.full_like(labels, spec.null_label)})
+    ref = fastflow.sample(model, noise, **kw).x
+    out = fastflow.sample(quantized, noise, **kw).x
+    res = {"samples": samples, "psnr_vs_fp32_db": round(psnr(out, ref, spec.data_range), 2)}
+    if spec.evaluate is not None:
+        res["class_accuracy_fp32"] = spec.evaluate(ref, labels).get("class_accuracy")
+        res["class_accuracy_int8"] = spec.evaluate(out, labels).get("class_accuracy")
+    return res
 
 
 def _cpu_name() -> str:
