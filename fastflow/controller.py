@@ -40,12 +40,13 @@ class Step(NamedTuple):
 class SkipController:
     """Skip decisions for one sample; see the module docstring."""
 
-    __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample",
+    __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample", "order",
                  "trace", "nfe", "probe", "probes", "pending", "skip_until", "prev_computed", "_err", "_err_n")
 
     def __init__(self, policy, ts: list[float]):
         self._set_schedule(policy, ts)
         self.run = None
+        self.order = 1
         self.trace: list[Step] = []
         self.nfe = 0
         self.probe = None  # a calibration's sensitivity probe (fastflow.sensitivity.Probe)
@@ -64,6 +65,7 @@ class SkipController:
         self.record = run.record if run.wants_velocities else None
         self.needs_error = run.needs_error
         self.per_sample = getattr(run, "per_sample_error", False)
+        self.order = getattr(run, "order", 1)  # of the extrapolation (fastflow.estimator.estimate)
         self.probe = getattr(run, "probe", None)
 
     def rebase(self, policy, ts: list[float]) -> None:
@@ -123,7 +125,7 @@ class SkipController:
         from that branch's own history (before it is updated with ``v``)."""
         if self.pending < 0 or hist.v_prev is None:
             return
-        e = estimator.history_error(v, hist, t, self.per_sample)
+        e = estimator.history_error(v, hist, t, self.per_sample, self.order)
         if self._err is not None and e.shape != self._err.shape:  # branches of unequal batch
             e, self._err = e.mean(), self._err.mean()
         self._err = e if self._err is None else self._err + e

@@ -245,8 +245,8 @@ class FastFlowHandle:
             c.order.append(key)
         c.step_calls += 1
         if c.step_skipped and h.v_prev is not None and h.k_cur < k:
-            # v̂(t) = v_cur + (t − t_cur)·(v_cur − v_prev)/(t_cur − t_prev) = lerp(v_prev, v_cur, 1 + c)
-            return _rebuild(c.templates[key], estimator.extrapolate(h.v_prev, h.v_cur, h.t_prev, h.t_cur, c.ts[k]))
+            # v̂(t) = v_cur + (t − t_cur)·(v_cur − v_prev)/(t_cur − t_prev) (or the policy's order)
+            return _rebuild(c.templates[key], estimator.estimate(h, c.ts[k], c.ctl.order))
         self._pending_call = (c, k, key, h)
         return None
 

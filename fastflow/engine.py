@@ -5,7 +5,9 @@ true velocities (first-order finite difference, FastFlow's estimator)::
 
     v̂(t) = v_k + (t − t_k) · (v_k − v_p) / (t_k − t_p)
 
-and a run of skipped steps uses the same pair with growing (t − t_k). The loop calls
+and a run of skipped steps uses the same pair with growing (t − t_k); a policy run with
+``order`` 2 takes the quadratic through the last three instead
+(:func:`fastflow.estimator.estimate`). The loop calls
 the resolved backend and policy objects directly; it makes no device→host transfer
 (finite checks and policy rewards are reduced on the device and read once, at the end).
 """
@@ -16,6 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from . import estimator
 from .controller import SkipController, Step
 from .errors import FastFlowError, NonFiniteError, OptionError
 from .policy import History, Policy, SampleContext
@@ -328,6 +331,13 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
         for k in range(T):
             t, h = ts[k], ts[k + 1] - ts[k]
             if enter(k, hist, hist.v_prev is not None):
+                if ctl.order == 2 and hist.v_prev2 is not None:  # the quadratic through three
+                    if stepper is None:
+                        wa, wb, wc = estimator.quadratic_weights(t, hist.t_prev2, hist.t_prev, hist.t_cur)
+                        x.add_(hist.v_prev2, alpha=h * wa).add_(hist.v_prev, alpha=h * wb).add_(hist.v_cur, alpha=h * wc)
+                    else:
+                        x = stepper(estimator.estimate(hist, t, 2), k, x)
+                    continue
                 if slope is None:
                     slope = (hist.v_cur - hist.v_prev).div_(hist.t_cur - hist.t_prev)
                 if stepper is None:

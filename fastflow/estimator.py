@@ -5,6 +5,12 @@ extrapolated to first order (a finite difference)::
 
     v̂(t) = v_c + (t − t_c) · (v_c − v_p) / (t_c − t_p) = lerp(v_p, v_c, 1 + (t − t_c)/(t_c − t_p))
 
+Where a policy asks for ``order`` 2 and three true velocities are known, the quadratic
+through them is extrapolated instead (:func:`quadratic_weights`): exact for a velocity
+that is quadratic in t along the path, better than first order where the path curves
+smoothly, worse where the network's velocity jitters from step to step
+(docs/benchmarks.md measures both on three models).
+
 Its error at a step where the model is consulted again is the mean squared difference
 to the true velocity, taken in float32 whatever the model's dtype, either over the whole
 batch (a 0-d tensor) or per sample (one value per row). Both stay on the device.
@@ -25,6 +31,23 @@ def extrapolate(v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float) 
     import torch
 
     return torch.lerp(v_prev, v_cur, coefficient(t, t_prev, t_cur))
+
+
+def quadratic_weights(t: float, t_a: float, t_b: float, t_c: float) -> tuple[float, float, float]:
+    """(w_a, w_b, w_c) with v̂(t) = w_a·v_a + w_b·v_b + w_c·v_c, the quadratic through the
+    true velocities at t_a, t_b, t_c (Lagrange form; the weights sum to 1)."""
+    return ((t - t_b) * (t - t_c) / ((t_a - t_b) * (t_a - t_c)),
+            (t - t_a) * (t - t_c) / ((t_b - t_a) * (t_b - t_c)),
+            (t - t_a) * (t - t_b) / ((t_c - t_a) * (t_c - t_b)))
+
+
+def estimate(hist, t: float, order: int = 1) -> Any:
+    """v̂(t) from a :class:`fastflow.policy.History`, a new tensor: the quadratic through
+    its three velocities with ``order`` 2 where it holds three, else first order."""
+    if order == 2 and hist.v_prev2 is not None:
+        wa, wb, wc = quadratic_weights(t, hist.t_prev2, hist.t_prev, hist.t_cur)
+        return (hist.v_prev2 * wa).add_(hist.v_prev, alpha=wb).add_(hist.v_cur, alpha=wc)
+    return extrapolate(hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t)
 
 
 def error(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float,
@@ -50,6 +73,13 @@ def state_errors(vs: list[Any], ts: list[float], p: int, c: int, start: int):
         yield i, e
 
 
-def history_error(v: Any, hist, t: float, per_sample: bool = False) -> Any:
-    """:func:`error` of the extrapolation from a :class:`fastflow.policy.History`."""
+def history_error(v: Any, hist, t: float, per_sample: bool = False, order: int = 1) -> Any:
+    """:func:`error` of the extrapolation from a :class:`fastflow.policy.History`, of the
+    given ``order`` (see :func:`estimate`)."""
+    if order == 2 and hist.v_prev2 is not None:
+        import torch
+
+        d = torch.sub(v, estimate(hist, t, 2))
+        d = (d if d.dtype == torch.float32 else d.float()).square_()
+        return d.flatten(1).mean(1) if per_sample and d.dim() > 1 else d.mean()
     return error(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, per_sample)

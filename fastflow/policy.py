@@ -42,17 +42,20 @@ class SampleContext:
 
 
 class History:
-    """The last two true (model-computed) velocities; mutated in place by the engine."""
+    """The last three true (model-computed) velocities, newest ``cur``, then ``prev``, then
+    ``prev2`` (what a second-order extrapolation needs); mutated in place by the engine.
+    It holds references, not copies."""
 
-    __slots__ = ("k_prev", "t_prev", "v_prev", "k_cur", "t_cur", "v_cur")
+    __slots__ = ("k_prev2", "t_prev2", "v_prev2", "k_prev", "t_prev", "v_prev", "k_cur", "t_cur", "v_cur")
 
     def __init__(self) -> None:
-        self.k_prev = self.k_cur = -1
-        self.t_prev = self.t_cur = 0.0
-        self.v_prev = self.v_cur = None
+        self.k_prev2 = self.k_prev = self.k_cur = -1
+        self.t_prev2 = self.t_prev = self.t_cur = 0.0
+        self.v_prev2 = self.v_prev = self.v_cur = None
 
     def push(self, k: int, t: float, v: Any) -> None:
-        """A new true velocity ``v`` at step ``k`` (time ``t``); the current one becomes the previous."""
+        """A new true velocity ``v`` at step ``k`` (time ``t``); the others move back one."""
+        self.k_prev2, self.t_prev2, self.v_prev2 = self.k_prev, self.t_prev, self.v_prev
         self.k_prev, self.t_prev, self.v_prev = self.k_cur, self.t_cur, self.v_cur
         self.k_cur, self.t_cur, self.v_cur = k, t, v
 
@@ -63,6 +66,7 @@ class PolicyRun:
     needs_error = False
     per_sample_error = False
     wants_velocities = False
+    order = 1  # extrapolation order of skipped steps: 1 (two true velocities) or 2 (three)
     calibrating = False  # this run computes every step to calibrate (reported as such)
 
     def decide(self, k: int, hist: History) -> int:
@@ -82,10 +86,10 @@ class PlannedRun(PolicyRun):
     """A run that follows a plan made before the sample: ``plan[k]`` steps skipped
     from step ``k`` (``fixed``, and ``planned`` once it has calibrated)."""
 
-    __slots__ = ("plan",)
+    __slots__ = ("plan", "order")
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, order: int = 1):
+        self.plan, self.order = plan, order
 
     def decide(self, k: int, hist: History) -> int:
         return self.plan[k]

@@ -15,8 +15,8 @@ from fastflow.policy import Policy, PolicyRun, opt_float, opt_int
 
 
 class _ThresholdRun(PolicyRun):
-    def __init__(self, threshold: float, max_skip: int):
-        self.threshold, self.max_skip = threshold, max_skip
+    def __init__(self, threshold: float, max_skip: int, order: int):
+        self.threshold, self.max_skip, self.order = threshold, max_skip, order
 
     def decide(self, k, hist):
         delta = (hist.v_cur - hist.v_prev).abs().mean()
@@ -34,20 +34,23 @@ class ThresholdPolicy(Policy):
     """Options:
         threshold: accumulated relative velocity change allowed while skipping (default 0.1).
         max_skip: most steps skipped in a row (default 6).
+        order: extrapolation order of the skipped steps, 1 (the last two true
+            velocities) or 2 (the quadratic through the last three; default 1).
     """
 
     name = "threshold"
 
-    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, **common):
+    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, order: int = 1, **common):
         super().__init__(**common)
+        self.order = opt_int("order", order, lo=1, hi=2)
         self.threshold = opt_float("threshold", threshold, lo=0.0)
         self.max_skip = opt_int("max_skip", max_skip, lo=0)
 
     def start(self, ctx):
-        return _ThresholdRun(self.threshold, self.max_skip)
+        return _ThresholdRun(self.threshold, self.max_skip, self.order)
 
     def options(self):
-        return {"threshold": self.threshold, "max_skip": self.max_skip, **super().options()}
+        return {"threshold": self.threshold, "max_skip": self.max_skip, "order": self.order, **super().options()}
 
 
 @hookimpl

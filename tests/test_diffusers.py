@@ -111,7 +111,9 @@ def _engine(pipe, noise, steps, policy, cond, uncond=None, guidance=None):
 
 
 @pytest.mark.parametrize("guidance", [None, 3.0])
-@pytest.mark.parametrize("policy,opts", [("fixed", {"skip": 2}), ("fixed", {"compute": "0,1,2,6,9"}), ("none", {})])
+@pytest.mark.parametrize("policy,opts", [("fixed", {"skip": 2}), ("fixed", {"compute": "0,1,2,6,9"}), ("none", {}),
+                                         ("fixed", {"skip": 2, "order": 2}),
+                                         ("fixed", {"compute": "0,1,2,6,9", "order": 2})])
 def test_hook_matches_the_engine_step_for_step(policy, opts, guidance):
     pipe = ToyPipe()
     noise, cond, uncond = _toy_inputs()
