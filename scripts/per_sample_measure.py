@@ -140,8 +140,8 @@ def main():
         print(json.dumps({**base, "method": "all-steps", "nfe": full_nfe,
                           "acc": spec.evaluate(ref, labels).get("class_accuracy"),
                           "psnr_ode_db": round(psnr(ref, ode, rng), 2)}), flush=True)
-    sweeps = {"threshold": ("threshold", (0.05, 0.08, 0.12, 0.16, 0.22)),
-              "ucb": ("tolerance", (0.0025, 0.005, 0.01, 0.02, 0.04))}
+    sweeps = {"threshold": ("threshold", (0.03, 0.05, 0.08, 0.12, 0.16, 0.22)),
+              "ucb": ("tolerance", (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04))}
     sweeps = {k: sweeps[k] for k in a.policies.split(",")}
     curves = {}
     for policy, (opt, values) in sweeps.items():
