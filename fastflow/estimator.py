@@ -57,7 +57,13 @@ def error(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float
 
     c = (t - t_cur) / (t_cur - t_prev)
     # v − v̂(t) = v − (1 + c)·v_cur + c·v_prev, without materialising v̂
-    d = torch.add(v, v_cur, alpha=-(1.0 + c)).add_(v_prev, alpha=c)
+    return _mse(torch.add(v, v_cur, alpha=-(1.0 + c)).add_(v_prev, alpha=c), per_sample)
+
+
+def _mse(d: Any, per_sample: bool) -> Any:
+    """The mean square of a difference tensor in float32: 0-d, or one value per row."""
+    import torch
+
     d = (d if d.dtype == torch.float32 else d.float()).square_()
     return d.flatten(1).mean(1) if per_sample and d.dim() > 1 else d.mean()
 
@@ -77,9 +83,5 @@ def history_error(v: Any, hist, t: float, per_sample: bool = False, order: int =
     """:func:`error` of the extrapolation from a :class:`fastflow.policy.History`, of the
     given ``order`` (see :func:`estimate`)."""
     if order == 2 and hist.v_prev2 is not None:
-        import torch
-
-        d = torch.sub(v, estimate(hist, t, 2))
-        d = (d if d.dtype == torch.float32 else d.float()).square_()
-        return d.flatten(1).mean(1) if per_sample and d.dim() > 1 else d.mean()
+        return _mse(v - estimate(hist, t, 2), per_sample)
     return error(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, per_sample)

@@ -28,15 +28,13 @@ import torch
 
 import fastflow
 from fastflow.schedule import timesteps as make_timesteps
-from fastflow.estimator import extrapolate
+from fastflow.estimator import extrapolate, quadratic_weights
 
 
 def quadratic(va, vb, vc, ta, tb, tc, t):
-    """The quadratic through (ta, va), (tb, vb), (tc, vc), at t (Lagrange form)."""
-    la = (t - tb) * (t - tc) / ((ta - tb) * (ta - tc))
-    lb = (t - ta) * (t - tc) / ((tb - ta) * (tb - tc))
-    lc = (t - ta) * (t - tb) / ((tc - ta) * (tc - tb))
-    return la * va + lb * vb + lc * vc
+    """The quadratic through (ta, va), (tb, vb), (tc, vc), at t: fastflow's order-2 weights."""
+    wa, wb, wc = quadratic_weights(t, ta, tb, tc)
+    return wa * va + wb * vb + wc * vc
 
 
 def line_fit(va, vb, vc, ta, tb, tc, t):
