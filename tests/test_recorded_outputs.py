@@ -6,7 +6,7 @@
 computed-step pattern are compared with tests/data/recorded_outputs.json.
 
 Bit-identical holds on one CPU: float kernels (oneDNN, SIMD width) differ between CPUs,
-so the recording is kept per CPU model and torch version, and a machine with none skips
+so the recording is kept per CPU model, kernel instruction set and torch version, and a machine with none skips
 and says how to make one. Re-record (only for a change that is meant to alter outputs,
 and say so in the commit; or on a new machine, from a commit whose outputs are trusted):
 ``python tests/test_recorded_outputs.py --record`` (it adds or replaces this machine's).
@@ -89,7 +89,8 @@ CASES = {
 
 
 def machine() -> str:
-    """The CPU model and torch version the bytes depend on."""
+    """The CPU model, the instruction set torch dispatches to (AVX2 and AVX-512 kernels
+    of the same torch differ in bytes, even on CPUs of one name) and torch's version."""
     import platform
 
     import torch
@@ -100,7 +101,7 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu} / torch {torch.__version__}"
+    return f"{cpu} / {torch.backends.cpu.get_cpu_capability()} / torch {torch.__version__}"
 
 
 def _compute(name: str) -> dict:
