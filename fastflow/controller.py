@@ -15,9 +15,12 @@ everywhere. For one sample (one batch) and one policy it owns:
   once), and, in a calibration that probes the sensitivity (:mod:`fastflow.sensitivity`),
   the probe evaluations, counted apart.
 
-It never reads a tensor on the host. Decisions are per batch today; a per-sample policy
-would return one decision per row from ``decide`` and :meth:`enter` would return the
-rows to compute — the callers already ask per step, not per run.
+It never reads a tensor on the host. A run that decides per sample
+(``per_sample_decisions``) is driven row by row instead: :meth:`start_rows` gives every
+row its own skip run, pending decision, trace and NFE, and :meth:`enter_rows` says which
+rows the model computes at a step (the caller gathers them into one sub-batch) and which
+are extrapolated from their own history; :meth:`measure_rows` hands each row its own
+error. A per-batch run never touches that state and pays nothing for it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class SkipController:
     """Skip decisions for one sample; see the module docstring."""
 
     __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample", "order",
-                 "trace", "nfe", "probe", "probes", "pending", "skip_until", "prev_computed", "_err", "_err_n")
+                 "trace", "nfe", "probe", "probes", "pending", "skip_until", "prev_computed", "_err", "_err_n",
+                 "rows", "decide_rows", "observe_rows", "starts", "row_until", "row_prev", "row_pending",
+                 "row_nfe", "row_traces")
 
     def __init__(self, policy, ts: list[float]):
         self._set_schedule(policy, ts)
@@ -56,6 +61,7 @@ class SkipController:
         self.prev_computed = False
         self._err = None
         self._err_n = 0
+        self.rows = False
 
     def start(self, policy, ctx) -> None:
         """Start the policy's run (separate from ``__init__``: a pipeline tells its batch
@@ -67,6 +73,10 @@ class SkipController:
         self.per_sample = getattr(run, "per_sample_error", False)
         self.order = getattr(run, "order", 1)  # of the extrapolation (fastflow.estimator.estimate)
         self.probe = getattr(run, "probe", None)
+        self.rows = getattr(run, "per_sample_decisions", False)
+        if self.rows:
+            self.decide_rows = run.decide_rows
+            self.observe_rows = getattr(run, "observe_rows", None)
 
     def rebase(self, policy, ts: list[float]) -> None:
         """The schedule turned out to start elsewhere (only step 0 has been seen)."""
@@ -105,6 +115,73 @@ class SkipController:
         if not skipped:
             self.nfe += 1
         return skipped
+
+    # -- per-sample decisions --------------------------------------------------------
+    def start_rows(self, batch: int, starts: list[int] | None = None) -> None:
+        """Per-row state for a per-sample run; ``starts[r]``: the step row r begins at
+        (an edit starts late; default 0 for every row)."""
+        self.starts = list(starts) if starts is not None else [0] * batch
+        self.row_until = [-1] * batch
+        self.row_prev = [False] * batch
+        self.row_pending = [-1] * batch
+        self.row_nfe = [0] * batch
+        self.row_traces: list[list[Step]] = [[] for _ in range(batch)]
+
+    def enter_rows(self, k: int, hist) -> tuple[list[int], list[int]]:
+        """Step ``k`` begins for every row that has started: (rows the model computes,
+        rows extrapolated), each in row order. ``hist`` is the batch's
+        :class:`~fastflow.policy.RowHistory`; a row is asked at the first step of a
+        possible run, after a computed step, once it holds two true velocities."""
+        room = self.room[k]
+        comp, skip, ask = [], [], []
+        for r, s in enumerate(self.starts):
+            if k < s:
+                continue
+            usable = hist.k_prev[r] >= 0
+            if k < self.row_until[r] and usable:
+                skip.append(r)
+                continue
+            self.row_until[r] = -1
+            (ask if room and self.row_prev[r] and usable else comp).append(r)
+        if ask:
+            for r, decision in zip(ask, self.decide_rows(k, ask, hist)):
+                if self.needs_error:
+                    self.row_pending[r] = k
+                trace = self.row_traces[r]
+                trace[-1] = trace[-1]._replace(decision=decision)
+                n = min(int(decision), room)
+                if n > 0:
+                    self.row_until[r] = k + n
+                    skip.append(r)
+                else:
+                    comp.append(r)
+            comp.sort()
+            skip.sort()
+        t = self.ts[k]
+        for r in comp:
+            self.row_prev[r] = True
+            self.row_nfe[r] += 1
+            self.row_traces[r].append(Step(k, t, True, None))
+        for r in skip:
+            self.row_prev[r] = False
+            self.row_traces[r].append(Step(k, t, False, None))
+        return comp, skip
+
+    def measure_rows(self, rows: list[int], v: Any, hist, t: float) -> None:
+        """The computed rows' true velocities ``v`` (in the order of ``rows``), before
+        ``hist`` takes them: each row with a pending decision gets its own error."""
+        if self.observe_rows is None:
+            return
+        by_k: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            k = self.row_pending[r]
+            if k >= 0:
+                by_k.setdefault(k, []).append(i)
+                self.row_pending[r] = -1
+        for k, pos in by_k.items():
+            idx = [rows[i] for i in pos]
+            err = estimator.row_errors(v[pos] if len(pos) < len(rows) else v, hist, idx, t)
+            self.observe_rows(k, idx, err)
 
     def computed(self, k: int, v: Any) -> None:
         """The true velocity of step ``k``'s first branch (what calibrating policies see)."""

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import estimator
+from .checks import check_finite, check_velocity
 from .controller import SkipController, Step
-from .errors import FastFlowError, NonFiniteError, OptionError
+from .errors import FastFlowError, OptionError
 from .policy import History, Policy, SampleContext
 from .schedule import timesteps as make_timesteps
 
@@ -85,29 +86,41 @@ def resolve_backend(backend: Any):
 
 
 def _velocity(fn, guidance, conditioning: dict, uncond):
-    """The velocity function of one batch: plain, conditioned, or guided."""
+    """The velocity function of one batch: plain, conditioned, or guided (``guidance``:
+    a scale, or a tensor of one scale per row)."""
     if guidance is not None:
-        return _guided(fn, float(guidance), conditioning, uncond)
+        return _guided(fn, guidance, conditioning, uncond)
     if conditioning:
         return lambda x, t: fn(x, t, **conditioning)  # noqa: E731
     return fn
 
 
-def _rows(d: dict | None, lo: int, hi: int, batch: int) -> dict | None:
-    """Per-row inputs (tensors whose first dimension is the batch) sliced to rows lo:hi;
-    everything else passes unchanged."""
+def _rows(d: dict | None, sel, batch: int) -> dict | None:
+    """Per-row inputs (tensors whose first dimension is the batch) taken at ``sel`` (a
+    slice, or a device index tensor of rows); everything else passes unchanged."""
     if d is None:
         return None
     import torch
 
-    return {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
+    return {k: (v[sel] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
             for k, v in d.items()}
 
 
-def _guided(fn, guidance: float, cond: dict, uncond: dict):
+def _guidance_rows(guidance, sel):
+    """The guidance of the rows at ``sel``: a scale is every row's; a per-row tensor is
+    taken at them."""
+    import torch
+
+    return guidance[sel] if torch.is_tensor(guidance) else guidance
+
+
+def _guided(fn, guidance, cond: dict, uncond: dict):
     """Wrap ``fn`` so one call evaluates the conditional and unconditional branches as
     one doubled batch and returns the guided velocity v_u + g·(v_c − v_u)."""
     import torch
+
+    if not torch.is_tensor(guidance):
+        guidance = float(guidance)
 
     both = {}
     for key in set(cond) | set(uncond):
@@ -121,6 +134,8 @@ def _guided(fn, guidance: float, cond: dict, uncond: dict):
     def guided(x, t):
         out = fn(torch.cat([x, x]), torch.cat([t, t]), **both)
         v_c, v_u = out.chunk(2)
+        if torch.is_tensor(guidance):  # one scale per row
+            return torch.lerp(v_u, v_c, guidance.view(-1, *([1] * (v_c.dim() - 1))).to(v_c.dtype))
         return torch.lerp(v_u, v_c, guidance)
 
     return guided
@@ -190,38 +205,48 @@ def sample(
     if guidance is not None and uncond is None:
         raise OptionError("guidance needs uncond=... (the unconditional branch's inputs)")
 
-    stepper, ts = make_solver(solver, steps, shift, noise.device)
-    if strength is not None or init is not None:
-        ts, noise = _edit_start(ts, noise, init, strength, solver)
     batch = int(noise.shape[0])
-    ctx = SampleContext(
-        timesteps=ts,
-        model_key=model_key or _model_key(model),
-        schedule_key=schedule_key(solver, steps, shift, strength),
-        batch_size=batch,
-    )
-    # a policy that must calibrate may ask for it on the first rows only, alone, so the
-    # rest of the batch is accelerated by what it learned there
-    cal = int(pol.calibration_rows(ctx)) if hasattr(pol, "calibration_rows") else 0
-    parts = [(0, cal), (cal, batch)] if 0 < cal < batch else [(0, batch)]
+    guidance = _check_guidance(guidance, batch, noise.device)
+    stepper, ts = make_solver(solver, steps, shift, noise.device)
+    key = model_key or _model_key(model)
+    starts = None  # per-row first steps of a batch that mixes edit strengths
+    if strength is not None or init is not None:
+        ts, noise, starts = _edit_start(ts, noise, init, strength, solver)
+    ctx = SampleContext(timesteps=ts, model_key=key, batch_size=batch, row_starts=starts,
+                        schedule_key=schedule_key(solver, steps, shift, None if starts else strength))
+    parts = _parts(pol, ctx, starts, solver, steps, shift)
     started = time.perf_counter()
-    xs, nfes, calls, cal_rows = [], [], 0, 0
+    x = None if len(parts) == 1 else torch.empty_like(noise)
+    nfes, calls, cal_rows, trace = [0] * batch, 0, 0, []
     with torch.inference_mode():
-        for lo, hi in parts:
-            if len(parts) == 1:
-                velocity = _velocity(fn, guidance, conditioning, uncond)
-                part_ctx, part_noise = ctx, noise
+        for rows, part_ctx, calibrating in parts:
+            whole = len(rows) == batch
+            sel = slice(None) if whole else (slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1))
+                                             else torch.tensor(rows, device=noise.device))
+            g, cond, unc = ((guidance, conditioning, uncond) if whole else
+                            (_guidance_rows(guidance, sel), _rows(conditioning, sel, batch), _rows(uncond, sel, batch)))
+            velocity = _velocity(fn, g, cond, unc)
+            if stepper is not None and len(parts) > 1:  # a multistep scheduler keeps state: a fresh one per part
+                stepper, _ = make_solver(solver, steps, shift, noise.device)
+            n = len(rows)
+
+            def velocity_for(index, g=g, c=cond, u=unc, n=n, v=velocity):
+                """The velocity of the rows in ``index`` of this part (None: all of them)."""
+                return v if index is None else _velocity(fn, _guidance_rows(g, index), _rows(c, index, n),
+                                                         _rows(u, index, n))
+
+            xp, part_nfes, part_calls, part_trace, calibrated = _integrate(
+                velocity, noise if whole else noise[sel], part_ctx.timesteps, pol, part_ctx, stepper, velocity_for)
+            if whole:
+                x = xp
             else:
-                velocity = _velocity(fn, guidance, _rows(conditioning, lo, hi, batch), _rows(uncond, lo, hi, batch))
-                part_ctx, part_noise = replace(ctx, batch_size=hi - lo), noise[lo:hi]
-                if stepper is not None:  # a multistep scheduler keeps state: a fresh one per part
-                    stepper, _ = make_solver(solver, steps, shift, noise.device)
-            x, nfe, trace, calibrated = _integrate(velocity, part_noise, ts, pol, part_ctx, stepper)
-            xs.append(x)
-            nfes += [nfe] * (hi - lo)
-            calls += nfe
-            cal_rows += (hi - lo) if calibrated else 0
-    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                x[sel] = xp
+            for r, nfe in zip(rows, part_nfes):
+                nfes[r] = nfe
+            calls += part_calls
+            cal_rows += n if calibrated else 0
+            if not calibrated or not trace:
+                trace = part_trace
     if noise.device.type == "cuda":
         torch.cuda.synchronize(noise.device)
     wall = time.perf_counter() - started
@@ -233,6 +258,51 @@ def sample(
     )
 
 
+def _parts(pol, ctx: SampleContext, starts, solver, steps, shift) -> list[tuple[list[int], SampleContext, bool]]:
+    """How the batch runs: (rows, their context, whether they calibrate) per part.
+
+    A batch that mixes edit strengths runs whole when the policy decides per sample
+    (each row starts at its own step), else as one part per strength, each on its own
+    tail of the schedule. A policy that must calibrate may ask for it on a part's first
+    rows alone, so the rest is accelerated by what it learned there."""
+    batch = ctx.batch_size
+    if starts is None or (hasattr(pol, "per_sample") and pol.per_sample(ctx)):
+        groups = [(list(range(batch)), ctx)]
+    else:
+        groups = []
+        for s in sorted(set(starts)):
+            rows = [r for r, s_r in enumerate(starts) if s_r == s]
+            ts = ctx.timesteps[s:]
+            strength = None if s == 0 else (len(ts) - 1) / steps
+            groups.append((rows, replace(ctx, timesteps=ts, batch_size=len(rows), row_starts=None,
+                                         schedule_key=schedule_key(solver, steps, shift, strength))))
+    parts = []
+    for rows, g in groups:
+        cal = int(pol.calibration_rows(g)) if hasattr(pol, "calibration_rows") else 0
+        if 0 < cal < len(rows):
+            parts += [(rows[:cal], replace(g, batch_size=cal), True), (rows[cal:], replace(g, batch_size=len(rows) - cal), False)]
+        else:
+            parts.append((rows, g, False))
+    return parts
+
+
+def _check_guidance(guidance, batch: int, device):
+    """A scale, or one scale per row (a sequence or tensor of ``batch`` values)."""
+    import torch
+
+    if guidance is None or isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
+        return guidance
+    try:
+        g = torch.as_tensor(guidance, dtype=torch.float32, device=device).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise OptionError(f"guidance must be a number or one number per row, got {guidance!r}") from None
+    if g.numel() == 1:
+        return float(g)
+    if g.numel() != batch:
+        raise OptionError(f"guidance has {g.numel()} values for a batch of {batch}; give one scale, or one per row")
+    return g
+
+
 def schedule_key(solver: str, steps: int, shift: float | None, strength: float | None = None) -> str:
     """What a learned policy state is keyed to, beside the model."""
     return (f"{solver}/steps={steps}/shift={shift if shift is not None else 1.0}"
@@ -240,19 +310,33 @@ def schedule_key(solver: str, steps: int, shift: float | None, strength: float |
 
 
 def _edit_start(ts, noise, init, strength, solver):
+    """(timesteps, start state, per-row first steps or None) of an edit (SDEdit): the
+    last round(steps·strength) steps, from ``init`` noised to their first time. One
+    strength per row (a sequence) that are not all equal keep the whole schedule; each
+    row starts at its own step (a strength of 1 is a generation: its noise as is)."""
+    import torch
+
     if init is None or strength is None:
         raise OptionError("editing needs both init (the image) and strength")
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise OptionError(f"strength must be in (0, 1], got {strength!r}")
     if solver != "euler":
         raise OptionError(f"editing runs on the euler solver, not '{solver}'")
     if tuple(init.shape) != tuple(noise.shape):
         raise OptionError(f"init has shape {tuple(init.shape)}, the noise {tuple(noise.shape)}; they must match")
+    per_row = torch.is_tensor(strength) or isinstance(strength, (list, tuple))
+    values = [float(s) for s in (strength.tolist() if torch.is_tensor(strength) else strength)] if per_row else [strength]
+    for s in values:
+        if isinstance(s, bool) or not (isinstance(s, (int, float)) and 0 < s <= 1):
+            raise OptionError(f"strength must be in (0, 1], got {s!r}")
+    if per_row and len(values) != noise.shape[0]:
+        raise OptionError(f"strength has {len(values)} values for a batch of {noise.shape[0]}; give one, or one per row")
     steps = len(ts) - 1
-    n = max(1, round(steps * strength))
-    ts = ts[steps - n:]
-    t0 = ts[0]
-    return ts, noise * t0 + init.to(noise) * (1.0 - t0)
+    starts = [steps - max(1, round(steps * s)) for s in values]
+    if len(set(starts)) == 1:
+        ts = ts[starts[0]:]
+        t0 = ts[0]
+        return ts, noise * t0 + init.to(noise) * (1.0 - t0), None
+    t0 = torch.tensor([ts[s] for s in starts], dtype=noise.dtype, device=noise.device).view(-1, *([1] * (noise.dim() - 1)))
+    return ts, noise * t0 + init.to(noise) * (1.0 - t0), starts
 
 
 def _model_key(model: Any) -> str:
@@ -308,17 +392,35 @@ def make_solver(name: str, steps: int, shift: float | None, device):
     return stepper, ts
 
 
-def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None):
+def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleContext, stepper=None,
+               velocity_for=None):
     """The per-step loop, driven by a :class:`~fastflow.controller.SkipController`.
-    Returns (x, model evaluations per row (computed steps and sensitivity probes), trace,
-    whether the run was a calibration)."""
+    Returns (x, model evaluations per row (computed steps and sensitivity probes), model
+    calls, trace, whether the run was a calibration). A run that decides per sample goes
+    to the per-row loop (:mod:`fastflow.rows`) with ``velocity_for``."""
     import torch
 
     T = len(ts) - 1
     batch = noise.shape[0]
-    t_vecs = [torch.full((batch,), t, dtype=noise.dtype, device=noise.device) for t in ts[:-1]]
     ctl = SkipController(policy, ts)
     ctl.start(policy, ctx)
+    if ctl.rows:
+        from .rows import integrate_rows
+
+        ok = False
+        try:
+            if stepper is not None:
+                raise OptionError(f"policy {getattr(policy, 'name', policy)!r} decides per sample, which runs on "
+                                  f"the euler solver only; use solver='euler' or the policy's per_sample=false")
+            x, nfes, calls = integrate_rows(velocity_for or (lambda index: velocity), noise, ts, ctl, ctx.row_starts)
+            ok = True
+        finally:
+            ctl.close(ok)
+        return x, nfes, calls, ctl.row_traces[0], ctl.calibrating
+    if ctx.row_starts is not None:
+        raise OptionError(f"policy {getattr(policy, 'name', policy)!r} said it decides per sample "
+                          f"(per_sample) but its run has no decide_rows; a batch that mixes edit strengths needs it")
+    t_vecs = [torch.full((batch,), t, dtype=noise.dtype, device=noise.device) for t in ts[:-1]]
     enter = ctl.enter
 
     x = noise.clone()
@@ -350,7 +452,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             slope = None
             v = velocity(x, t_vecs[k])
             if not computed_steps:
-                _check_velocity(v, x)
+                check_velocity(v, x)
             sums.append(v.sum())
             computed_steps.append(k)
             ctl.computed(k, v)
@@ -366,42 +468,12 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                 x.add_(v, alpha=h)
             else:
                 x = stepper(v, k, x)
-        _check_finite(sums, computed_steps, x, ts)
+        check_finite(sums, computed_steps, x, ts)
         ok = True
     finally:
         ctl.close(ok)
-    return x, ctl.nfe + ctl.probes, ctl.trace, ctl.calibrating
-
-
-def _check_velocity(v, x) -> None:
-    """Once per sample (shape and type are host metadata: no sync): a velocity that is
-    not a tensor of the sample's shape would broadcast into garbage."""
-    import torch
-
-    if not torch.is_tensor(v):
-        raise OptionError(f"the model returned {type(v).__name__}, not a torch tensor; it must return the "
-                          f"velocity, a tensor of the input's shape {tuple(x.shape)}")
-    if tuple(v.shape) != tuple(x.shape):
-        raise OptionError(f"the model returned a velocity of shape {tuple(v.shape)} for an input of shape "
-                          f"{tuple(x.shape)}; they must be equal (one velocity per sample and element)")
-
-
-def _check_finite(sums, computed_steps, x, ts) -> None:
-    import torch
-
-    finite = torch.isfinite(torch.stack(sums)).tolist()  # the one sync of the sample
-    for ok, k in zip(finite, computed_steps):
-        if not ok:
-            raise NonFiniteError(
-                f"the model returned a NaN or Inf velocity at step {k} (t={ts[k]:.4f}); "
-                f"the output would be garbage, so the run stopped. Check the model, its "
-                f"dtype (try float32) and the inputs."
-            )
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(
-            "the sample became NaN or Inf although every computed velocity was finite: the "
-            "extrapolation overflowed. Use a smaller skip (e.g. --option arms=0,1,2) or float32."
-        )
+    nfe = ctl.nfe + ctl.probes
+    return x, [nfe] * batch, nfe, ctl.trace, ctl.calibrating
 
 
 __all__ = ["sample", "SampleResult", "Step", "FastFlowError"]

@@ -85,3 +85,17 @@ def history_error(v: Any, hist, t: float, per_sample: bool = False, order: int =
     if order == 2 and hist.v_prev2 is not None:
         return _mse(v - estimate(hist, t, 2), per_sample)
     return error(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, per_sample)
+
+
+def row_errors(v: Any, hist, rows: list[int], t: float) -> Any:
+    """Per-row MSE (float32, shape ``(len(rows),)``) of each row's own first-order
+    extrapolation to ``t`` against its true velocity ``v`` (``v[i]`` is row ``rows[i]``'s),
+    from a :class:`fastflow.policy.RowHistory` (before it takes ``v``)."""
+    import torch
+
+    index = torch.tensor(rows, device=v.device)
+    v_prev, v_cur = hist.v_prev.index_select(0, index), hist.v_cur.index_select(0, index)
+    c = torch.tensor([(t - hist.t_cur[r]) / (hist.t_cur[r] - hist.t_prev[r]) for r in rows],
+                     dtype=v.dtype, device=v.device).view(-1, *([1] * (v.dim() - 1)))
+    # v − v̂(t) = v − v_cur − c·(v_cur − v_prev)
+    return _mse(v - v_cur - c * (v_cur - v_prev), True)

@@ -35,6 +35,9 @@ class SampleContext:
     model_key: str
     schedule_key: str
     batch_size: int
+    #: the step each row starts at, where a batch mixes edit strengths (None: all at 0);
+    #: only a policy that decides per sample sees such a batch whole
+    row_starts: list[int] | None = None
 
     @property
     def steps(self) -> int:
@@ -60,14 +63,58 @@ class History:
         self.k_cur, self.t_cur, self.v_cur = k, t, v
 
 
+class RowHistory:
+    """The last two true velocities of every row of a batch whose rows decide apart
+    (per-sample decisions): ``v_cur`` and ``v_prev`` are batch-shaped tensors, row r's
+    taken at steps ``k_cur[r]`` and ``k_prev[r]`` (times ``t_cur[r]``, ``t_prev[r]``;
+    -1 and 0.0 where the row has none yet). Updated by the engine's per-row loop
+    (:mod:`fastflow.rows`), in place."""
+
+    __slots__ = ("k_prev", "t_prev", "v_prev", "k_cur", "t_cur", "v_cur")
+
+    def __init__(self, batch: int) -> None:
+        self.k_prev, self.k_cur = [-1] * batch, [-1] * batch
+        self.t_prev, self.t_cur = [0.0] * batch, [0.0] * batch
+        self.v_prev = self.v_cur = None
+
+    def push(self, rows: list[int], index: Any, k: int, t: float, v: Any) -> None:
+        """True velocities ``v`` at step ``k`` for ``rows`` (``index``: the same rows as a
+        device tensor, or None when they are the whole batch, in order)."""
+        if index is None:  # the whole batch: move references, copy nothing
+            self.v_prev, self.v_cur = self.v_cur, v
+        else:
+            if self.v_cur is None:
+                self.v_cur = v.new_zeros((len(self.k_cur), *v.shape[1:]))
+            if self.v_prev is None:
+                self.v_prev = self.v_cur.clone()
+            else:
+                self.v_prev.index_copy_(0, index, self.v_cur.index_select(0, index))
+            self.v_cur.index_copy_(0, index, v)
+        for r in rows:
+            self.k_prev[r], self.t_prev[r] = self.k_cur[r], self.t_cur[r]
+            self.k_cur[r], self.t_cur[r] = k, t
+
+    def usable(self, r: int) -> bool:
+        """Row r holds two true velocities (it can be extrapolated)."""
+        return self.k_prev[r] >= 0
+
+
 class PolicyRun:
-    """Per-sample decisions. The default computes every step."""
+    """Per-sample decisions. The default computes every step.
+
+    A run that decides per row sets ``per_sample_decisions`` and implements
+    ``decide_rows(k, rows, hist)`` (one skip length per row of ``rows``, from a
+    :class:`RowHistory`) instead of ``decide``; with ``needs_error`` its
+    ``observe_rows(k, rows, err)`` gets the rows' own errors (shape ``(len(rows),)``)
+    for the decisions they took at step ``k``.
+    """
 
     needs_error = False
     per_sample_error = False
     wants_velocities = False
     order = 1  # extrapolation order of skipped steps: 1 (two true velocities) or 2 (three)
     calibrating = False  # this run computes every step to calibrate (reported as such)
+    per_sample_decisions = False  # decide_rows instead of decide (fastflow.rows)
 
     def decide(self, k: int, hist: History) -> int:
         return 0
@@ -136,6 +183,12 @@ class Policy:
 
     def start(self, ctx: SampleContext) -> PolicyRun:
         return PolicyRun()
+
+    def per_sample(self, ctx: SampleContext) -> bool:
+        """Whether this policy's run for ``ctx`` decides per sample (``decide_rows``).
+        The engine runs a batch that mixes edit strengths whole only then (else one
+        part per strength). Default False."""
+        return False
 
     def calibration_rows(self, ctx: SampleContext) -> int:
         """Rows of the coming batch that should calibrate alone (every step computed)

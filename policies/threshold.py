@@ -6,12 +6,19 @@ then skips n steps, the largest n with n·r below ``threshold`` (capped by
 ``max_skip``): the accumulated change TeaCache thresholds, measured on the output
 instead of a modulated input. Reading r costs one device→host transfer per evaluation;
 ``ucb`` and ``fixed`` need none.
+
+With ``per_sample`` every row measures its own r and skips on its own
+(:mod:`fastflow.rows`): the default ``auto`` does so where it was measured to pay, in a
+batch whose rows start at different steps (generations and edits at different
+strengths together, docs/benchmarks.md), and decides per batch elsewhere (the batch
+mean is the steadier signal there).
 """
 
 from __future__ import annotations
 
 from fastflow.hookspecs import hookimpl
-from fastflow.policy import Policy, PolicyRun, opt_float, opt_int
+from fastflow.errors import OptionError
+from fastflow.policy import Policy, PolicyRun, opt_bool, opt_float, opt_int
 
 
 class _ThresholdRun(PolicyRun):
@@ -21,13 +28,40 @@ class _ThresholdRun(PolicyRun):
     def decide(self, k, hist):
         delta = (hist.v_cur - hist.v_prev).abs().mean()
         scale = hist.v_prev.abs().mean().clamp_min(1e-12)
-        rate = float(delta / scale) / max(hist.k_cur - hist.k_prev, 1)
-        if not rate > 0:  # zero change (or NaN, which the engine reports)
-            return self.max_skip if rate == 0 else 0
-        n = 0
-        while n < self.max_skip and (n + 1) * rate < self.threshold:
-            n += 1
-        return n
+        return _skips(float(delta / scale) / max(hist.k_cur - hist.k_prev, 1), self.threshold, self.max_skip)
+
+
+class _ThresholdRowsRun(PolicyRun):
+    """Per-sample: r per row, from each row's own last two true velocities."""
+
+    per_sample_decisions = True
+
+    def __init__(self, threshold: float, max_skip: int):
+        self.threshold, self.max_skip = threshold, max_skip
+
+    def decide_rows(self, k, rows, hist):
+        import torch
+
+        if len(rows) == len(hist.k_cur):
+            v_cur, v_prev = hist.v_cur, hist.v_prev
+        else:
+            index = torch.tensor(rows, device=hist.v_cur.device)
+            v_cur, v_prev = hist.v_cur.index_select(0, index), hist.v_prev.index_select(0, index)
+        delta = (v_cur - v_prev).abs().flatten(1).mean(1)
+        scale = v_prev.abs().flatten(1).mean(1).clamp_min(1e-12)
+        ratios = (delta / scale).tolist()  # the one read of the step
+        return [_skips(q / max(hist.k_cur[r] - hist.k_prev[r], 1), self.threshold, self.max_skip)
+                for q, r in zip(ratios, rows)]
+
+
+def _skips(rate: float, threshold: float, max_skip: int) -> int:
+    """The largest n ≤ max_skip with n·rate below the threshold (NaN: 0)."""
+    if not rate > 0:  # zero change (or NaN, which the engine reports)
+        return max_skip if rate == 0 else 0
+    n = 0
+    while n < max_skip and (n + 1) * rate < threshold:
+        n += 1
+    return n
 
 
 class ThresholdPolicy(Policy):
@@ -36,21 +70,35 @@ class ThresholdPolicy(Policy):
         max_skip: most steps skipped in a row (default 6).
         order: extrapolation order of the skipped steps, 1 (the last two true
             velocities) or 2 (the quadratic through the last three; default 1).
+        per_sample: true (every row decides on its own change, and the model runs on
+            the rows that compute), false (one decision per batch), or auto (default:
+            per sample in a batch whose rows start at different steps).
     """
 
     name = "threshold"
 
-    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, order: int = 1, **common):
+    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, order: int = 1, per_sample="auto", **common):
         super().__init__(**common)
         self.order = opt_int("order", order, lo=1, hi=2)
         self.threshold = opt_float("threshold", threshold, lo=0.0)
         self.max_skip = opt_int("max_skip", max_skip, lo=0)
+        self.per_sample_mode = "auto" if per_sample == "auto" else opt_bool("per_sample", per_sample)
+        if self.per_sample_mode is True and self.order != 1:
+            raise OptionError("option per_sample=true extrapolates to first order; drop order=2 or use per_sample=false")
+
+    def per_sample(self, ctx):
+        if self.per_sample_mode == "auto":
+            return ctx.row_starts is not None and self.order == 1
+        return self.per_sample_mode
 
     def start(self, ctx):
+        if self.per_sample(ctx):
+            return _ThresholdRowsRun(self.threshold, self.max_skip)
         return _ThresholdRun(self.threshold, self.max_skip, self.order)
 
     def options(self):
-        return {"threshold": self.threshold, "max_skip": self.max_skip, "order": self.order, **super().options()}
+        return {"threshold": self.threshold, "max_skip": self.max_skip, "order": self.order,
+                "per_sample": self.per_sample_mode, **super().options()}
 
 
 @hookimpl
