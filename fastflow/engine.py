@@ -441,11 +441,9 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                         x = stepper(estimator.estimate(hist, t, 2), k, x)
                     continue
                 if slope is None:
-                    slope = (hist.v_cur - hist.v_prev).div_(hist.t_cur - hist.t_prev)
+                    slope = estimator.slope(hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur)
                 if stepper is None:
-                    # x += h·v̂(t_k), the estimator's v̂(t) = v_cur + (t − t_cur)·slope
-                    # written into the update so no v̂ tensor is allocated
-                    x.add_(hist.v_cur, alpha=h).add_(slope, alpha=h * (t - hist.t_cur))
+                    estimator.euler_skip_(x, hist.v_cur, slope, hist.t_cur, t, h)
                 else:
                     x = stepper(torch.add(hist.v_cur, slope, alpha=t - hist.t_cur), k, x)
                 continue

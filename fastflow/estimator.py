@@ -33,6 +33,17 @@ def extrapolate(v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float) 
     return torch.lerp(v_prev, v_cur, coefficient(t, t_prev, t_cur))
 
 
+def slope(v_prev: Any, v_cur: Any, t_prev: float, t_cur: float) -> Any:
+    """(v_cur − v_prev)/(t_cur − t_prev), a new tensor: fixed over a skip run."""
+    return (v_cur - v_prev).div_(t_cur - t_prev)
+
+
+def euler_skip_(x: Any, v_cur: Any, slope_: Any, t_cur: float, t: float, h: float) -> Any:
+    """x += h·v̂(t) in place, with v̂(t) = v_cur + (t − t_cur)·slope written into the
+    update so no v̂ tensor is allocated (both sampling loops use it)."""
+    return x.add_(v_cur, alpha=h).add_(slope_, alpha=h * (t - t_cur))
+
+
 def quadratic_weights(t: float, t_a: float, t_b: float, t_c: float) -> tuple[float, float, float]:
     """(w_a, w_b, w_c) with v̂(t) = w_a·v_a + w_b·v_b + w_c·v_c, the quadratic through the
     true velocities at t_a, t_b, t_c (Lagrange form; the weights sum to 1)."""

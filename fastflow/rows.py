@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import estimator
 from .checks import check_finite, check_velocity
 from .policy import RowHistory
 
@@ -82,7 +83,6 @@ def _extrapolate(x, hist: RowHistory, rows: list[int], batch: int, t: float, h: 
         else:
             index = torch.tensor(group, device=x.device)
             v_prev, v_cur, xs = (a.index_select(0, index) for a in (hist.v_prev, hist.v_cur, x))
-        slope = (v_cur - v_prev).div_(t_cur - t_prev)
-        xs.add_(v_cur, alpha=h).add_(slope, alpha=h * (t - t_cur))
+        estimator.euler_skip_(xs, v_cur, estimator.slope(v_prev, v_cur, t_prev, t_cur), t_cur, t, h)
         if len(group) < batch:
             x.index_copy_(0, index, xs)
