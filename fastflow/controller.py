@@ -119,13 +119,15 @@ class SkipController:
     # -- per-sample decisions --------------------------------------------------------
     def start_rows(self, batch: int, starts: list[int] | None = None) -> None:
         """Per-row state for a per-sample run; ``starts[r]``: the step row r begins at
-        (an edit starts late; default 0 for every row)."""
+        (an edit starts late; default 0 for every row). Steps already entered for the
+        whole batch (the diffusers hook learns the batch layout only after step 0) are
+        every row's first steps."""
         self.starts = list(starts) if starts is not None else [0] * batch
         self.row_until = [-1] * batch
-        self.row_prev = [False] * batch
+        self.row_prev = [self.prev_computed] * batch
         self.row_pending = [-1] * batch
-        self.row_nfe = [0] * batch
-        self.row_traces: list[list[Step]] = [[] for _ in range(batch)]
+        self.row_nfe = [self.nfe] * batch
+        self.row_traces: list[list[Step]] = [list(self.trace) for _ in range(batch)]
 
     def enter_rows(self, k: int, hist) -> tuple[list[int], list[int]]:
         """Step ``k`` begins for every row that has started: (rows the model computes,

@@ -15,10 +15,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from . import estimator
-from .controller import SkipController
+from . import diffusers_rows, estimator
+from .controller import SkipController, Step
 from .jsonutil import jsonable
-from .policy import History, SampleContext
+from .policy import History, RowHistory, SampleContext
 
 HOOK_NAME = "fastflow"
 
@@ -44,6 +44,10 @@ class PipelineCall:
     wall_seconds: float = 0.0  # first denoiser call to the end of the last step
     fallback_calls: int = 0  # branch calls computed inside a skipped step (no history yet)
     note: str = ""
+    #: per-sample decisions: each sample's NFE and computed steps (``nfe`` counts the
+    #: steps where any sample computed, ``trace`` marks them)
+    nfe_per_sample: list[int] | None = None
+    computed_per_sample: list[list[int]] | None = None
 
     @property
     def speedup(self) -> float:
@@ -59,7 +63,11 @@ class PipelineCall:
         }
         if self.note:
             out["note"] = self.note
+        if self.nfe_per_sample is not None:
+            out["nfe_per_sample"] = list(self.nfe_per_sample)
         if trace:
+            if self.computed_per_sample is not None:
+                out["computed_per_sample"] = [list(c) for c in self.computed_per_sample]
             out["timesteps"] = list(self.timesteps)
             out["trace"] = [
                 {"k": s.k, "t": s.t, "computed": s.computed, "decision": s.decision} for s in self.trace
@@ -98,6 +106,15 @@ class _Call:
         self.passthrough = False  # schedule not understood: compute everything
         self.note = ""
         self.record: PipelineCall | None = None
+        # per-sample decisions (a run with per_sample_decisions; fastflow.diffusers_rows)
+        self.layout: diffusers_rows.RowLayout | None = None  # set at step 1: rows mode on
+        self.rhists: dict[str, RowHistory] = {}
+        self.comp: list[int] = []  # samples the model computes at this step
+        self.skip: list[int] = []  # samples extrapolated at this step
+        self.comp_index = None  # the computing samples, as a device tensor
+        self.call_index = None  # their rows in the denoiser call
+        self.primary = ""  # the branch whose history steers the step's decisions
+        self.row_steps = 0  # steps (after step 0) where the model ran on some rows
 
     def set_start(self, start: int, policy) -> None:
         self.start = start
@@ -181,6 +198,8 @@ class FastFlowHandle:
             lines.append(
                 f"  call {c.index}: {c.steps} steps, {c.nfe} evaluated, {c.skipped} skipped "
                 f"({sp}), {c.denoiser_calls} denoiser calls, branches {'/'.join(c.branches) or '-'}"
+                + (f", per sample {min(c.nfe_per_sample)}-{max(c.nfe_per_sample)} evaluated"
+                   if c.nfe_per_sample else "")
                 + ("" if c.complete else ", incomplete") + (f" [{c.note}]" if c.note else "")
             )
             if trace and c.trace:
@@ -239,11 +258,15 @@ class FastFlowHandle:
         n = c.step_names.get(name, 0)
         c.step_names[name] = n + 1
         key = hook.tag + (name if (name is not None and n == 0) else f"{name or ''}#{n}")
+        c.step_calls += 1
+        if c.layout is not None:
+            if key not in c.rhists and key not in c.order:
+                c.order.append(key)
+            return self._before_rows(c, k, key)
         h = c.hists.get(key)
         if h is None:
             h = c.hists[key] = History()
             c.order.append(key)
-        c.step_calls += 1
         if c.step_skipped and h.v_prev is not None and h.k_cur < k:
             # v̂(t) = v_cur + (t − t_cur)·(v_cur − v_prev)/(t_cur − t_prev) (or the policy's order)
             return _rebuild(c.templates[key], estimator.estimate(h, c.ts[k], c.ctl.order))
@@ -264,6 +287,8 @@ class FastFlowHandle:
             if c.closed and c.record is not None:
                 c.record.denoiser_calls += 1
             return out
+        if c.layout is not None:
+            return self._after_rows(c, k, key, out, h)
         v = _main_tensor(out)
         t = c.ts[k]
         if c.step_skipped:
@@ -369,12 +394,100 @@ class FastFlowHandle:
         c.max_k = max(c.max_k, k)
         c.step_names = {}
         c.step_calls = 0
+        if c.layout is None and k > 0 and c.ctl.run is not None and c.ctl.rows:
+            self._start_rows(c)
+        if c.layout is not None:
+            return self._enter_rows(c, k, primary_key)
         primary = c.hists.get(primary_key)
         # a skip run ends early where the step's first branch has no two true outputs
         # (e.g. a second expert taking over): that step is computed
         usable = primary is not None and primary.v_prev is not None and primary.k_cur < k
         # (the policy's run exists: it started at the first output, before any decision)
         c.step_skipped = c.ctl.enter(k, primary, usable)
+
+    # -- per-sample decisions (fastflow.diffusers_rows) ---------------------------------
+    def _start_rows(self, c: _Call) -> None:
+        """At step 1 of a run that decides per sample: learn which call rows are which
+        sample and move the histories to per-row ones; where the calls cannot be split
+        by sample, compute every step (said once)."""
+        layout = diffusers_rows.layout_of(self.pipeline, c.batch_size, c.calls_per_step)
+        sizes = {tuple(h.v_cur.shape[:1]) for h in c.hists.values() if h.v_cur is not None}
+        if layout is None or sizes != {(c.batch_size,)}:
+            c.passthrough = True
+            c.note = (f"{type(self.pipeline).__name__}'s denoiser calls cannot be split by sample "
+                      f"(batch sizes {sorted(s[0] for s in sizes)}); every step computed")
+            self._warn_once("rows", f"fastflow: policy {self.policy_name} decides per sample, but {c.note}; "
+                                    f"give it per_sample=false to decide per batch")
+            return
+        c.layout = layout
+        c.rhists = {key: diffusers_rows.from_history(h, layout) for key, h in c.hists.items()}
+        c.hists = {}
+        c.ctl.start_rows(layout.samples)
+
+    def _enter_rows(self, c: _Call, k: int, primary_key: str) -> None:
+        import torch
+
+        hist = c.rhists.get(primary_key)
+        if hist is None:  # a new expert: every row computes until it holds two outputs
+            hist = c.rhists[primary_key] = RowHistory(c.layout.samples)
+        c.primary = primary_key
+        c.comp, c.skip = c.ctl.enter_rows(k, hist)
+        c.step_skipped = not c.comp
+        c.comp_index = c.call_index = None
+        if c.comp and c.skip:
+            c.comp_index = torch.tensor(c.comp, device=c.device)
+            c.call_index = torch.tensor(c.layout.call_rows(c.comp), device=c.device)
+        if c.comp:
+            c.row_steps += 1
+
+    def _before_rows(self, c: _Call, k: int, key: str):
+        """None (run the denoiser on every row), an output (every row extrapolated), or a
+        :class:`~fastflow.diffusers_rows.Gather` (run it on the computing rows)."""
+        rh = c.rhists.get(key)
+        if c.skip and (rh is None or not all(rh.usable(r) for r in c.skip)):
+            self._pending_call = (c, k, key, "fallback")  # a branch with no history for them
+            return None
+        if not c.comp:
+            template = c.templates[key]
+            out = _main_tensor(template).new_empty(_main_tensor(template).shape)
+            diffusers_rows.fill(c.layout.view(out), rh, c.skip, c.ts[k])
+            return _rebuild(template, out)
+        if not c.skip:
+            self._pending_call = (c, k, key, "whole")
+            return None
+        self._pending_call = (c, k, key, "rows")
+        return diffusers_rows.Gather(c.call_index, c.layout.rows)
+
+    def _after_rows(self, c: _Call, k: int, key: str, out, mode: str):
+        """Record the computed rows' outputs (and their errors, for the first branch);
+        a gathered call comes back whole, the other rows extrapolated."""
+        v = _main_tensor(out)
+        t = c.ts[k]
+        lay = c.layout
+        rh = c.rhists.get(key)
+        if rh is None:
+            rh = c.rhists[key] = RowHistory(lay.samples)
+        if mode == "rows":
+            sub = diffusers_rows.RowLayout(len(c.comp), lay.pairs).view(v)
+            full = v.new_empty((lay.rows, *v.shape[1:]))
+            view = lay.view(full)
+            view.index_copy_(0, c.comp_index, sub)
+            diffusers_rows.fill(view, rh, c.skip, t)
+            if key == c.primary:
+                c.ctl.measure_rows(c.comp, sub, rh, t)
+            rh.push(c.comp, c.comp_index, k, t, sub)
+            out = _rebuild(out, full)
+        else:
+            rows = list(range(lay.samples))
+            if mode == "fallback":
+                c.fallback_calls += 1
+            elif key == c.primary:
+                c.ctl.measure_rows(rows, lay.view(v), rh, t)
+            rh.push(rows, None, k, t, lay.view(v))
+        c.templates[key] = out
+        if k == c.T - 1 and c.calls_per_step and c.step_calls >= c.calls_per_step:
+            self._finish_call(c, complete=True)
+        return out
 
     def _finish_step(self, c: _Call) -> None:
         """Every decision gets exactly one error, at the next computed step (as in the engine)."""
@@ -410,15 +523,22 @@ class FastFlowHandle:
             trace = c.ctl.trace if c.ctl is not None else []
             computed = ((c.ctl.nfe + c.ctl.probes if c.ctl is not None else 0)
                         + (max(0, c.T - 1 - c.cur_k) if c.passthrough else 0))
+            per_sample = steps_per_sample = None
+            if c.layout is not None and c.ctl is not None:  # steps where any sample computed
+                per_sample, computed = list(c.ctl.row_nfe), computed + c.row_steps
+                rows = c.ctl.row_traces
+                trace = [Step(s.k, s.t, any(tr[i].computed for tr in rows), None) for i, s in enumerate(rows[0])]
+                steps_per_sample = [[s.k for s in tr if s.computed] for tr in rows]
             c.record = PipelineCall(
                 index=len(self.calls), steps=c.T, nfe=computed, denoiser_calls=c.denoiser_calls,
                 skipped=sum(1 for s in trace if not s.computed), trace=list(trace),
                 timesteps=list(c.ts), branches=list(c.order), complete=complete,
                 policy=self.policy_name, wall_seconds=c.ended - c.started,
-                fallback_calls=c.fallback_calls, note=c.note,
+                fallback_calls=c.fallback_calls, note=c.note, nfe_per_sample=per_sample,
+                computed_per_sample=steps_per_sample,
             )
             self.calls.append(c.record)
-            c.hists, c.templates, c.ctl = {}, {}, None  # free the device memory
+            c.hists, c.rhists, c.templates, c.ctl = {}, {}, {}, None  # free the device memory
         if ok and self.autosave and getattr(self.policy, "state_path", None) is not None:
             self.policy.save()
 

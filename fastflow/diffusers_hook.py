@@ -28,6 +28,7 @@ import functools
 from typing import Any
 
 from .diffusers_handle import HOOK_NAME, FastFlowHandle, PipelineCall, remove_hook
+from .diffusers_rows import Gather, gather
 from .errors import OptionError
 
 DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
@@ -74,9 +75,12 @@ def _hook_class():
 
         def new_forward(self, module, *args, **kwargs):
             out = _before(self.handle, self)
+            forward = self.fn_ref.original_forward
+            if isinstance(out, Gather):  # per-sample decisions: only the rows that compute
+                args, kwargs = gather(args, kwargs, out.index, out.batch)
+                return _after(self.handle, forward(*args, **kwargs), None)
             if out is not None:
                 return out
-            forward = self.fn_ref.original_forward
 
             def rerun(e):
                 """The denoiser once more at its main input + e (a calibration's probe);

@@ -246,9 +246,9 @@ def run_pipeline(
 
     nfes = [r.nfe for r in records]
     full = records[-1].steps
-    # every sample of a call has the call's NFE (one decision covers the batch)
-    per_sample = [r.nfe for r, x in zip(records, outs or [None] * len(records))
-                  for _ in range(x.shape[0] if x is not None and x.dim() > 3 else 1)]
+    # per-batch decisions: every sample of a call has the call's NFE
+    per_sample = [n for r, x in zip(records, outs or [None] * len(records))
+                  for n in (r.nfe_per_sample or [r.nfe] * (x.shape[0] if x is not None and x.dim() > 3 else 1))]
     summary: dict[str, Any] = {
         "backend": getattr(getattr(pipe, "transformer", None), "backend_name", "torch"),  # a swapped-in export
         "model": model_name,

@@ -693,3 +693,94 @@ def test_a_branch_first_seen_inside_a_skipped_step_is_computed():
             v = vu + 2.0 * (v - vu)
         x = s.step(v, t, x, return_dict=False)[0]
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-6)
+
+
+# -- per-sample decisions under the hook ----------------------------------------------------
+
+class _ByRow(fastflow.Policy):
+    """Per-sample decisions that depend on the row alone: row r skips r % 3 steps at
+    every ask (so the rows of one batch take different schedules)."""
+
+    name = "by-row"
+
+    def start(self, ctx):
+        run = fastflow.PolicyRun()
+        run.per_sample_decisions = True
+        run.decide_rows = lambda k, rows, hist: [r % 3 for r in rows]
+        return run
+
+
+def _images(out):
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "wan2.2", "chroma"])
+def test_per_sample_decisions_run_each_sample_as_alone(family):
+    """A batch whose samples take different schedules: every sample comes out as it does
+    alone under its own schedule (replayed with ``fixed compute=``), the denoiser runs
+    only on the rows that compute (guidance branches of a sample together, concatenated
+    as in SD3 or apart as in Wan), and the record counts each sample's evaluations."""
+    pipe = _pipe(family)
+    prompts = ["a photo of a cat", "a red dog", "a blue monkey"]
+    seeds = (11, 12, 13)
+    kw = {**tiny_inputs(family), "num_inference_steps": 12}
+    sizes = []  # the batch each denoiser layer actually runs on
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear))
+    probe = layer.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    handle = fastflow.enable(pipe, _ByRow())
+    try:
+        batch = _images(pipe(**{**kw, "prompt": prompts}, generator=[torch.Generator().manual_seed(s) for s in seeds]))
+        rec = handle.last
+        probe.remove()
+        alone = []
+        for r, (p, s) in enumerate(zip(prompts, seeds)):
+            h = fastflow.enable(pipe, "fixed", compute=",".join(map(str, rec.computed_per_sample[r])))
+            alone.append(_images(pipe(**{**kw, "prompt": p}, generator=torch.Generator().manual_seed(s)))[0])
+            assert h.last.nfe == rec.nfe_per_sample[r]
+    finally:
+        fastflow.disable(pipe)
+    nfe = rec.nfe_per_sample
+    assert len(set(nfe)) == 3 and nfe[0] == 12 and max(nfe[1:]) < 12, nfe
+    assert rec.nfe == 12 and rec.complete  # row 0 computes every step
+    full = max(sizes)
+    assert full % 3 == 0 and min(sizes) == full // 3, sizes  # some calls ran on row 0 alone
+    for r in range(3):
+        assert torch.allclose(batch[r], alone[r], atol=1e-4), r
+    assert not torch.allclose(batch[1], batch[2])
+    assert "nfe_per_sample" in rec.as_dict(trace=False) and "computed_per_sample" in rec.as_dict()
+    assert "per sample" in handle.summary()
+
+
+def test_per_sample_threshold_in_the_hook_is_the_engines():
+    """threshold per_sample=true under the hook decides as the engine does, row for row:
+    rows with a strong constant drift skip more than the others; same NFE per sample,
+    same outputs; a gathered call runs on the computing rows only."""
+    pipe = ToyPipe()
+    noise, cond, uncond = _toy_inputs(batch=4)
+    cond[:2] *= 30  # nearly straight paths for rows 0 and 1
+    ref = _engine(pipe, noise, 12, fastflow.get_policy("threshold", per_sample=True, threshold=0.3), cond)
+    handle = fastflow.enable(pipe, "threshold", per_sample=True, threshold=0.3)
+    x = pipe(noise, _uniform(12), cond=cond)
+    rec = handle.last
+    fastflow.disable(pipe)
+    assert rec.nfe_per_sample == ref.nfe_per_sample and len(set(ref.nfe_per_sample)) > 1
+    assert torch.allclose(x, ref.x, rtol=1e-5, atol=1e-4)
+    assert rec.denoiser_calls == ref.model_calls == rec.nfe
+
+
+def test_per_sample_decisions_where_calls_cannot_be_split():
+    """A pipeline whose guidance call carries an odd batch cannot be split by sample:
+    every step is computed, and the warning says so once and names the fix."""
+    class OddPipe(ToyPipe):
+        do_classifier_free_guidance = True  # one call per step "under guidance", 3 rows
+
+    pipe = OddPipe()
+    noise, cond, _ = _toy_inputs(batch=3)
+    handle = fastflow.enable(pipe, "threshold", per_sample=True)
+    with pytest.warns(UserWarning, match="per_sample=false"):
+        x = pipe(noise, _uniform(10), cond=cond)
+    fastflow.disable(pipe)
+    rec = handle.last
+    assert rec.nfe == 10 and "cannot be split" in rec.note
+    ref = pipe(noise, _uniform(10), cond=cond)
+    assert torch.equal(x, ref)

@@ -20,7 +20,7 @@ LAYERS = {
     "fastflow.demo": 3, "fastflow.demo.": 3,
     **{f"fastflow.{m}": 4 for m in ("exporting", "export_onnx", "export_trt", "export", "denoiser_call",
                                     "denoiser_export")},
-    "fastflow.diffusers_hook": 5, "fastflow.diffusers_handle": 5, "fastflow.denoiser_swap": 5, "fastflow.baselines": 5,
+    "fastflow.diffusers_hook": 5, "fastflow.diffusers_handle": 5, "fastflow.diffusers_rows": 5, "fastflow.denoiser_swap": 5, "fastflow.baselines": 5,
     **{f"fastflow.{m}": 6 for m in ("compare", "pipeline_run", "run_outputs", "bench", "generate", "generate_jobs", "generate_pipeline",
                                     "ray_generate")},
     "fastflow.cli": 7, "fastflow.commands": 7, "fastflow.commands.": 7, "fastflow.generate_command": 7,
