@@ -45,7 +45,7 @@ class SkipController:
 
     __slots__ = ("ts", "room", "run", "decide", "observe", "record", "needs_error", "per_sample", "order",
                  "trace", "nfe", "probe", "probes", "pending", "skip_until", "prev_computed", "_err", "_err_n",
-                 "rows", "decide_rows", "observe_rows", "starts", "row_until", "row_prev", "row_pending",
+                 "rows", "decide_rows", "observe_rows", "correct", "starts", "row_until", "row_prev", "row_pending",
                  "row_nfe", "row_traces")
 
     def __init__(self, policy, ts: list[float]):
@@ -62,6 +62,7 @@ class SkipController:
         self._err = None
         self._err_n = 0
         self.rows = False
+        self.correct = False
 
     def start(self, policy, ctx) -> None:
         """Start the policy's run (separate from ``__init__``: a pipeline tells its batch
@@ -72,6 +73,8 @@ class SkipController:
         self.needs_error = run.needs_error
         self.per_sample = getattr(run, "per_sample_error", False)
         self.order = getattr(run, "order", 1)  # of the extrapolation (fastflow.estimator.estimate)
+        # re-integrate a first-order run with the interpolation its end allows (estimator.run_correction)
+        self.correct = getattr(policy, "correct", False) and self.order == 1
         self.probe = getattr(run, "probe", None)
         self.rows = getattr(run, "per_sample_decisions", False)
         if self.rows:

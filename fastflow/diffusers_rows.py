@@ -103,3 +103,23 @@ def from_history(h, layout: RowLayout):
     rh.v_prev = layout.view(h.v_prev).clone() if h.v_prev is not None else None
     rh.v_cur = layout.view(h.v_cur).clone() if h.v_cur is not None else None
     return rh
+
+
+def correct(out_view: Any, v_view: Any, hist, ends: dict, vpos: dict | None, t: float, step: float) -> None:
+    """For each sample r whose skip run ended at this step (``ends[r]``: the run's
+    Σ h_j (t_j − t_cur)), write v + correction / step into ``out_view`` at row r, the
+    true output taken from ``v_view`` at ``vpos[r]`` (None: r), the history not yet
+    updated (:func:`fastflow.estimator.run_correction`; grouped by run so each sample
+    gets the operations it gets alone)."""
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    for r, a in ends.items():
+        groups.setdefault((hist.k_prev[r], hist.k_cur[r], a), []).append(r)
+    for (_, _, a), rows in groups.items():
+        idx = torch.tensor(rows, device=out_view.device)
+        at = idx if vpos is None else torch.tensor([vpos[r] for r in rows], device=out_view.device)
+        v = v_view.index_select(0, at)
+        corr = estimator.run_correction(v, hist.v_prev.index_select(0, idx), hist.v_cur.index_select(0, idx),
+                                        hist.t_prev[rows[0]], hist.t_cur[rows[0]], t, a)
+        out_view.index_copy_(0, idx, corr.div_(step).add_(v).to(out_view.dtype))

@@ -44,6 +44,19 @@ def euler_skip_(x: Any, v_cur: Any, slope_: Any, t_cur: float, t: float, h: floa
     return x.add_(v_cur, alpha=h).add_(slope_, alpha=h * (t - t_cur))
 
 
+def run_correction(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float, a: float) -> Any:
+    """What the state gains when a skip run's extrapolated velocities are replaced, once
+    the model is consulted again at ``t`` (true velocity ``v``), by the line from v_cur
+    to v: the run used v̂(t_j) = v_cur + (t_j − t_cur)·s_e with s_e the extrapolation's
+    slope, the line has slope s_l = (v − v_cur)/(t − t_cur), so the state moves by
+    Σ_j h_j (t_j − t_cur)·(s_l − s_e) = a·(s_l − s_e), with ``a`` = Σ_j h_j (t_j − t_cur)
+    over the run's steps. A new tensor. No evaluation is added: the run is re-integrated
+    with the interpolation its end makes possible (for a velocity quadratic in t this
+    halves the error the run left in the state; exact for one linear in t)."""
+    d = (v - v_cur).div_(t - t_cur)
+    return d.sub_(slope(v_prev, v_cur, t_prev, t_cur)).mul_(a)
+
+
 def quadratic_weights(t: float, t_a: float, t_b: float, t_c: float) -> tuple[float, float, float]:
     """(w_a, w_b, w_c) with v̂(t) = w_a·v_a + w_b·v_b + w_c·v_c, the quadratic through the
     true velocities at t_a, t_b, t_c (Lagrange form; the weights sum to 1)."""
@@ -82,7 +95,11 @@ def _mse(d: Any, per_sample: bool) -> Any:
 def state_errors(vs: list[Any], ts: list[float], p: int, c: int, start: int):
     """Yield (i, E_i) for i = start, start+1, ...: the error a skip run of steps
     start..i leaves in the state, E_i = Σ h_j (v̂_j − v_j), extrapolating from the true
-    velocities at p < c (``vs``: a full trajectory's true velocities; float32)."""
+    velocities at p < c (``vs``: a full trajectory's true velocities; float32). Policies
+    price runs by it whether or not the run is corrected at its end (``correct``): the
+    uncorrected error is also what the model is next evaluated at, and ranks runs better
+    than the corrected error alone (docs/benchmarks.md, "Correcting a skip run").
+    """
     e = None
     for i in range(start, len(vs)):
         term = (extrapolate(vs[p], vs[c], ts[p], ts[c], ts[i]) - vs[i]).float() * (ts[i + 1] - ts[i])

@@ -151,6 +151,10 @@ class Policy:
       which nothing is skipped. Default 0 and 1: the whole schedule.
     * ``warmup`` — leading steps always computed (at least 2: extrapolation needs two
       true velocities). Default 2.
+    * ``correct`` — when the model is consulted after a first-order skip run on the Euler
+      solver, re-integrate the run with the line from its last true velocity to the new
+      one instead of the extrapolation (no evaluation added; ``estimator.run_correction``).
+      Default true (the paper's ``ucb-paper``: false).
 
     The last step of the schedule is always computed, so the final velocity is the
     model's and every decision is followed by a true evaluation.
@@ -158,7 +162,7 @@ class Policy:
 
     name = "base"
 
-    def __init__(self, *, window_start: float = 0.0, window_end: float = 1.0, warmup: int = 2):
+    def __init__(self, *, window_start: float = 0.0, window_end: float = 1.0, warmup: int = 2, correct=True):
         self.window_start = opt_float("window_start", window_start, lo=0.0, hi=1.0)
         self.window_end = opt_float("window_end", window_end, lo=0.0, hi=1.0)
         if self.window_end < self.window_start:
@@ -166,6 +170,7 @@ class Policy:
                 f"window_end ({self.window_end}) must not be below window_start ({self.window_start})"
             )
         self.warmup = opt_int("warmup", warmup, lo=2)
+        self.correct = opt_bool("correct", correct)
         self._skippable_cache: dict[int, list[int]] = {}
 
     def run_lengths(self, steps: int) -> list[int]:
@@ -201,7 +206,8 @@ class Policy:
 
     def options(self) -> dict:
         """The options this policy was built with (for summaries and state keys)."""
-        return {"window_start": self.window_start, "window_end": self.window_end, "warmup": self.warmup}
+        return {"window_start": self.window_start, "window_end": self.window_end, "warmup": self.warmup,
+                "correct": self.correct}
 
     def save(self, path=None) -> None:
         """Persist learned state, if the policy has any."""

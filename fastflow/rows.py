@@ -41,11 +41,14 @@ def integrate_rows(velocity_for: Callable, noise: Any, ts: list[float], ctl, sta
     sums: list[Any] = []
     computed_steps: list[int] = []
     checked = False
+    run_a = [0.0] * batch  # per row: Σ h_j (t_j − t_cur) over its current skip run
     for k in range(T):
         t, h = ts[k], ts[k + 1] - ts[k]
         comp, skip = ctl.enter_rows(k, hist)
         if skip:
             _extrapolate(x, hist, skip, batch, t, h)
+            for r in skip:
+                run_a[r] += h * (t - hist.t_cur[r])
         if not comp:
             continue
         whole = len(comp) == batch
@@ -58,6 +61,8 @@ def integrate_rows(velocity_for: Callable, noise: Any, ts: list[float], ctl, sta
         sums.append(v.sum())
         computed_steps.append(k)
         ctl.measure_rows(comp, v, hist, t)
+        if ctl.correct:
+            _correct(xs, v, hist, comp, run_a, t)
         if whole:
             x.add_(v, alpha=h)
         else:
@@ -86,3 +91,27 @@ def _extrapolate(x, hist: RowHistory, rows: list[int], batch: int, t: float, h: 
         estimator.euler_skip_(xs, v_cur, estimator.slope(v_prev, v_cur, t_prev, t_cur), t_cur, t, h)
         if len(group) < batch:
             x.index_copy_(0, index, xs)
+
+
+def _correct(xs, v, hist: RowHistory, comp: list[int], run_a: list[float], t: float) -> None:
+    """The computed rows whose skip run just ended: xs[i] += the run's correction
+    (:func:`fastflow.estimator.run_correction`), grouped by the run (same steps, so the
+    same scalars), as the per-batch loop does for a sample alone. ``xs``/``v`` are in the
+    order of ``comp``; ``xs`` may be ``x`` itself (every row computes)."""
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(comp):
+        if run_a[r] != 0.0:
+            groups.setdefault((hist.k_prev[r], hist.k_cur[r], run_a[r]), []).append(i)
+            run_a[r] = 0.0
+    for (_, _, a), pos in groups.items():
+        r0 = comp[pos[0]]
+        if len(pos) == len(comp) == len(hist.k_cur):
+            xs.add_(estimator.run_correction(v, hist.v_prev, hist.v_cur, hist.t_prev[r0], hist.t_cur[r0], t, a))
+            continue
+        at = torch.tensor(pos, device=v.device)
+        rows = torch.tensor([comp[i] for i in pos], device=v.device)
+        corr = estimator.run_correction(v.index_select(0, at), hist.v_prev.index_select(0, rows),
+                                        hist.v_cur.index_select(0, rows), hist.t_prev[r0], hist.t_cur[r0], t, a)
+        xs.index_copy_(0, at, xs.index_select(0, at).add_(corr))

@@ -113,6 +113,7 @@ class PaperUCBPolicy(BanditPolicy):
         self.mu_scale = self.default_mu_scale if mu_scale is None else opt_float(
             "mu_scale", mu_scale, lo=0.0, lo_open=True)
         self._fixed_mu = mu is not None
+        common.setdefault("correct", False)  # the paper's sampler extrapolates, nothing more
         super().__init__(arms=arms, gamma=gamma, state=state, **common)
 
     def start(self, ctx):

@@ -37,18 +37,19 @@ def main():
     ap.add_argument("--warm", type=int, default=144)
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="first seed of the measured samples (warm-up: seed + 1000)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     spec = fastflow.get_model(a.model)
     model = spec.build()
-    ref, _, labs, _ = generate(model, spec, "none", a.samples, 0, 16, a.steps)
+    ref, _, labs, _ = generate(model, spec, "none", a.samples, a.seed, 16, a.steps)
     for s in a.specs:
         name, opts = parse(s)
         pol = fastflow.get_policy(name, **opts)
         if not a.cold and (name.startswith("ucb") or name == "planned"):
-            generate(model, spec, pol, 16 if name == "planned" else a.warm, 1000, 16, a.steps)
-        x, nfes, _, wall = generate(model, spec, pol, a.samples, 0, 16, a.steps)
-        row = {"model": a.model, "policy": s, "warm": not a.cold, "nfe": round(sum(nfes) / len(nfes), 2),
+            generate(model, spec, pol, 16 if name == "planned" else a.warm, a.seed + 1000, 16, a.steps)
+        x, nfes, _, wall = generate(model, spec, pol, a.samples, a.seed, 16, a.steps)
+        row = {"model": a.model, "policy": s, "seed": a.seed, "warm": not a.cold, "nfe": round(sum(nfes) / len(nfes), 2),
                "psnr_db": round(psnr(x, ref, spec.data_range), 2)}
         if spec.evaluate is not None and labs:
             row["acc"] = spec.evaluate(x, torch.tensor(labs)).get("class_accuracy")

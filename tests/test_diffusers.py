@@ -674,7 +674,9 @@ def test_a_branch_first_seen_inside_a_skipped_step_is_computed():
     rec = handle.last
     assert rec.fallback_calls == 1 and rec.nfe == 9 and rec.denoiser_calls == 9 + 4 + 1
     fastflow.disable(pipe)
-    # by hand: the same loop, with the conditional output of step 5 extrapolated from steps 3, 4
+    # by hand: the same loop, with the conditional output of step 5 extrapolated from steps 3, 4,
+    # and at step 6 (the run's end) the line 4→6 replacing that extrapolation: the scheduler's
+    # Euler step takes v6 + a·(slope 4→6 − slope 3→4)/h6, a = h5·(t5 − t4)
     s = pipe.scheduler
     s.set_timesteps(sigmas=_uniform(10))
     s.set_begin_index(0)
@@ -688,6 +690,10 @@ def test_a_branch_first_seen_inside_a_skipped_step_is_computed():
             v = estimator.extrapolate(vp, vc, tp, tc, sig[5])
         else:
             hist.append((sig[i], v))
+        if i == 6:
+            (t3, v3), (t4, v4) = hist[-3], hist[-2]
+            a = (sig[6] - sig[5]) * (sig[5] - t4)
+            v = v + a * ((v - v4) / (sig[6] - t4) - (v4 - v3) / (t4 - t3)) / (sig[7] - sig[6])
         if i >= 5:
             vu = pipe.transformer(x, tt, cond=uncond)[0]
             v = vu + 2.0 * (v - vu)

@@ -19,17 +19,25 @@ def two_flows(x, t, kind):
     return torch.ones_like(x) * (1 - k) + torch.sin(6 * t).view(shape) * torch.ones_like(x) * k
 
 
-def euler_curved(x0, ts, computed):
-    """The exact Euler answer of the curved flow for a given set of computed steps
-    (skipped steps extrapolate the last two true velocities to first order)."""
+def euler_curved(x0, ts, computed, correct=True):
+    """The exact Euler answer of the curved flow for a given set of computed steps.
+    Skipped steps extrapolate the last two true velocities to first order; with
+    ``correct`` (the default) a run, once it ends at a computed step, counts the line
+    between its two computed neighbours instead."""
     import math
 
     x, hist = x0.clone(), []
-    for k in range(len(ts) - 1):
+    steps = len(ts) - 1
+    for k in range(steps):
         t, h = ts[k], ts[k + 1] - ts[k]
         if k in computed:
             v = math.sin(6 * t)
             hist = (hist + [(t, v)])[-2:]
+        elif correct:
+            c = max(j for j in computed if j < k)
+            n = min(j for j in computed if j > k)
+            vc, vn = math.sin(6 * ts[c]), math.sin(6 * ts[n])
+            v = vc + (t - ts[c]) * (vn - vc) / (ts[n] - ts[c])
         else:
             (tp, vp), (tc, vc) = hist
             v = vc + (t - tc) * (vc - vp) / (tc - tp)
@@ -42,8 +50,8 @@ class RowPlans(Policy):
 
     name = "row-plans"
 
-    def __init__(self, plans):
-        super().__init__()
+    def __init__(self, plans, **common):
+        super().__init__(**common)
         self.plans = plans
 
     def per_sample(self, ctx):
@@ -61,11 +69,12 @@ class RowPlans(Policy):
         return Run()
 
 
-def test_straight_rows_skip_more_and_both_halves_are_exact():
+@pytest.mark.parametrize("correct", [True, False])
+def test_straight_rows_skip_more_and_both_halves_are_exact(correct):
     noise = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
     kind = torch.tensor([0, 1, 0, 1, 0, 1])
-    res = fastflow.sample(two_flows, noise, steps=50, policy="threshold",
-                          policy_options={"per_sample": "true", "threshold": 0.1, "max_skip": 6}, kind=kind)
+    opts = {"per_sample": "true", "threshold": 0.1, "max_skip": 6, "correct": correct}
+    res = fastflow.sample(two_flows, noise, steps=50, policy="threshold", policy_options=opts, kind=kind)
     straight, curved = res.nfe_per_sample[0::2], res.nfe_per_sample[1::2]
     # straight rows: steps 0, 1, then every 7th (6 skipped) until the last: 0,1,8,15,22,29,36,43,49
     assert straight == [9, 9, 9]
@@ -74,11 +83,11 @@ def test_straight_rows_skip_more_and_both_halves_are_exact():
     assert torch.allclose(res.x[0::2], noise[0::2] - 1, atol=1e-6)
     # curved rows: exactly the Euler answer of the steps they computed (their own decisions)
     ts = res.timesteps
-    trace_rows = fastflow.sample(two_flows, noise[1:2], steps=50, policy="threshold",
-                                 policy_options={"per_sample": "true", "threshold": 0.1, "max_skip": 6}, kind=kind[1:2])
+    trace_rows = fastflow.sample(two_flows, noise[1:2], steps=50, policy="threshold", policy_options=opts,
+                                 kind=kind[1:2])
     computed = {s.k for s in trace_rows.trace if s.computed}
     assert len(computed) == curved[0]
-    want = euler_curved(noise[1], ts, computed)
+    want = euler_curved(noise[1], ts, computed, correct)
     assert torch.allclose(res.x[1], want, atol=1e-5)
     # the model ran on the rows that computed only: fewer calls than the curved rows' steps
     # plus the straight ones', more than either alone
@@ -164,3 +173,23 @@ def test_per_sample_errors_are_usage_errors():
     with pytest.raises(OptionError, match="guidance has 3 values"):
         fastflow.sample(two_flows, noise, steps=10, policy="none", guidance=[1.0, 2.0, 3.0],
                         uncond={"kind": torch.tensor([0, 1])}, kind=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_per_batch_runs_are_corrected_as_the_analytic_answer(correct):
+    """The per-batch loop on the curved flow with a fixed pattern: with ``correct`` each
+    skip run, once it ends, counts the line between its computed neighbours (else the
+    extrapolation); both the per-batch and the per-row loop give that answer."""
+    noise = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+    kind = torch.ones(3, dtype=torch.long)
+    res = fastflow.sample(two_flows, noise, steps=30, policy="fixed", policy_options={"skip": 3, "correct": correct},
+                          kind=kind)
+    computed = {s.k for s in res.trace if s.computed}
+    assert len(computed) == res.nfe < 30
+    want = euler_curved(noise, res.timesteps, computed, correct)
+    assert torch.allclose(res.x, want, atol=1e-5)
+    assert not torch.allclose(want, euler_curved(noise, res.timesteps, computed, not correct), atol=1e-3)
+    plan = fastflow.get_policy("fixed", skip=3)._plan(30)
+    rows = fastflow.sample(two_flows, noise, steps=30, kind=kind, policy=RowPlans([plan] * 3, correct=correct))
+    assert rows.nfe_per_sample == res.nfe_per_sample
+    assert torch.allclose(rows.x, want, atol=1e-5)

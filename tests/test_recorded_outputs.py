@@ -9,7 +9,8 @@ Bit-identical holds on one CPU: float kernels (oneDNN, SIMD width) differ betwee
 so the recording is kept per CPU model, kernel instruction set and torch version, and a machine with none skips
 and says how to make one. Re-record (only for a change that is meant to alter outputs,
 and say so in the commit; or on a new machine, from a commit whose outputs are trusted):
-``python tests/test_recorded_outputs.py --record`` (it adds or replaces this machine's).
+``python tests/test_recorded_outputs.py --record`` (it adds or replaces this machine's;
+with ``--only`` it drops the other machines' recordings, which such a change makes stale).
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ if __name__ == "__main__" and "--record" in sys.argv:
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()  # no learned state from this machine's cache
     RECORD.parent.mkdir(exist_ok=True)
     by_machine = json.loads(RECORD.read_text()) if RECORD.exists() else {}
+    if "--only" in sys.argv:  # a change meant to alter outputs: other machines' recordings are stale
+        by_machine = {}
     by_machine[machine()] = {n: _compute(n) for n in sorted(CASES)}
     RECORD.write_text(json.dumps(by_machine, indent=1) + "\n")
     print(f"recorded {len(CASES)} cases for {machine()} in {RECORD}")
