@@ -185,13 +185,13 @@ def method_list(ctx_steps: int, quick: bool, has_transformer: bool, selected: se
     for th in ((0.05, 0.1, 0.2, 0.4) if not quick else (0.1,)):
         methods.append(policy_method(f"threshold-{th}", "threshold", f"threshold={th}",
                                      lambda th=th: fastflow.get_policy("threshold", threshold=th), warm=False))
-    methods.append(policy_method("ucb-cold", "ucb", "defaults (tolerance 0.005)", lambda: fastflow.get_policy("ucb"),
+    methods.append(policy_method("ucb-cold", "ucb", "defaults (tolerance 0.01)", lambda: fastflow.get_policy("ucb"),
                                  warm=False))
     # ucb learns from every sample: it warms up in the measured batch size. The paper's bandit
     # makes one pull per batch, so it warms up in batches of 2 (batch_size/2 times more pulls)
     ucb_warm = dict(warm=True, warm_batches=2 if quick else 8)
     paper_warm = dict(warm=True, warm_batches=1 if quick else 8, warm_batch_size=2)
-    methods.append(policy_method("ucb-warm", "ucb", "defaults (tolerance 0.005)", lambda: fastflow.get_policy("ucb"),
+    methods.append(policy_method("ucb-warm", "ucb", "defaults (tolerance 0.01)", lambda: fastflow.get_policy("ucb"),
                                  **ucb_warm))
     methods.append(policy_method("ucb-paper-warm", "ucb-paper", "the paper's rule (arms 0-4, mu_scale 1)",
                                  lambda: fastflow.get_policy("ucb-paper"), **paper_warm))
