@@ -12,7 +12,7 @@ import json
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import diffusers_rows, estimator
@@ -120,6 +120,7 @@ class _Call:
         self.run_from = -1
         self.run_end: tuple[int, float] | None = None
         self.euler = False  # a first-order Euler scheduler: corrections go into the output
+        self.ctx: SampleContext | None = None
         self.row_run_a: list[float] = []  # per sample, in rows mode
         self.row_from: list[int] = []
         self.row_ends: dict[int, float] = {}
@@ -435,11 +436,18 @@ class FastFlowHandle:
         layout = diffusers_rows.layout_of(self.pipeline, c.batch_size, c.calls_per_step)
         sizes = {tuple(h.v_cur.shape[:1]) for h in c.hists.values() if h.v_cur is not None}
         if layout is None or sizes != {(c.batch_size,)}:
-            c.passthrough = True
-            c.note = (f"{type(self.pipeline).__name__}'s denoiser calls cannot be split by sample "
-                      f"(batch sizes {sorted(s[0] for s in sizes)}); every step computed")
-            self._warn_once("rows", f"fastflow: policy {self.policy_name} decides per sample, but {c.note}; "
-                                    f"give it per_sample=false to decide per batch")
+            why = (f"{type(self.pipeline).__name__}'s denoiser calls cannot be split by sample "
+                   f"(batch sizes {sorted(s[0] for s in sizes)})")
+            c.ctl.start(self.policy, replace(c.ctx, split_rows=False))  # the policy's per-batch run
+            if c.ctl.rows:  # it has none
+                c.passthrough = True
+                c.note = f"{why}; every step computed"
+                self._warn_once("rows", f"fastflow: policy {self.policy_name} decides per sample only, but {why}; "
+                                        f"every step is computed")
+            else:
+                c.note = f"{why}; decided per batch"
+                self._warn_once("rows", f"fastflow: policy {self.policy_name} decides per sample, but {why}; "
+                                        f"it decides per batch there")
             return
         c.layout = layout
         c.rhists = {key: diffusers_rows.from_history(h, layout) for key, h in c.hists.items()}
@@ -545,6 +553,7 @@ class FastFlowHandle:
                 batch_size=c.batch_size or 1,
             )
             c.ctl.start(self.policy, ctx)
+            c.ctx = ctx
         return c.ctl
 
     def _reached_end(self, c: _Call | None) -> bool:

@@ -38,6 +38,8 @@ class SampleContext:
     #: the step each row starts at, where a batch mixes edit strengths (None: all at 0);
     #: only a policy that decides per sample sees such a batch whole
     row_starts: list[int] | None = None
+    #: the caller can run the model on some rows only (False: decide per batch)
+    split_rows: bool = True
 
     @property
     def steps(self) -> int:

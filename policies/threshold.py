@@ -7,11 +7,10 @@ then skips n steps, the largest n with n·r below ``threshold`` (capped by
 instead of a modulated input. Reading r costs one device→host transfer per evaluation;
 ``ucb`` and ``fixed`` need none.
 
-With ``per_sample`` every row measures its own r and skips on its own
-(:mod:`fastflow.rows`): the default ``auto`` does so where it was measured to pay, in a
-batch whose rows start at different steps (generations and edits at different
-strengths together, docs/benchmarks.md), and decides per batch elsewhere (the batch
-mean is the steadier signal there).
+With ``per_sample=true`` every row measures its own r and skips on its own
+(:mod:`fastflow.rows`, and the diffusers hook); the default decides per batch: measured
+on two models, with skip runs corrected, per-sample decisions are level or behind at
+matched NFE, even on batches mixing generations and edits (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -71,28 +70,25 @@ class ThresholdPolicy(Policy):
         order: extrapolation order of the skipped steps, 1 (the last two true
             velocities) or 2 (the quadratic through the last three; default 1).
         per_sample: true (every row decides on its own change, and the model runs on
-            the rows that compute), false (one decision per batch), or auto (default:
-            per sample in a batch whose rows start at different steps).
+            the rows that compute) or false (one decision per batch; the default).
     """
 
     name = "threshold"
 
-    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, order: int = 1, per_sample="auto", **common):
+    def __init__(self, *, threshold: float = 0.1, max_skip: int = 6, order: int = 1, per_sample=False, **common):
         super().__init__(**common)
         self.order = opt_int("order", order, lo=1, hi=2)
         self.threshold = opt_float("threshold", threshold, lo=0.0)
         self.max_skip = opt_int("max_skip", max_skip, lo=0)
-        self.per_sample_mode = "auto" if per_sample == "auto" else opt_bool("per_sample", per_sample)
-        if self.per_sample_mode is True and self.order != 1:
+        self.per_sample_mode = opt_bool("per_sample", per_sample)
+        if self.per_sample_mode and self.order != 1:
             raise OptionError("option per_sample=true extrapolates to first order; drop order=2 or use per_sample=false")
 
     def per_sample(self, ctx):
-        if self.per_sample_mode == "auto":
-            return ctx.row_starts is not None and self.order == 1
         return self.per_sample_mode
 
     def start(self, ctx):
-        if self.per_sample(ctx):
+        if self.per_sample(ctx) and ctx.split_rows:
             return _ThresholdRowsRun(self.threshold, self.max_skip)
         return _ThresholdRun(self.threshold, self.max_skip, self.order)
 

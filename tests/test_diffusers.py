@@ -776,17 +776,26 @@ def test_per_sample_threshold_in_the_hook_is_the_engines():
 
 def test_per_sample_decisions_where_calls_cannot_be_split():
     """A pipeline whose guidance call carries an odd batch cannot be split by sample:
-    every step is computed, and the warning says so once and names the fix."""
+    threshold decides per batch there (as with per_sample=false, bit for bit), a policy
+    with no per-batch run computes every step; each says so once, in a warning and the
+    call's note."""
     class OddPipe(ToyPipe):
         do_classifier_free_guidance = True  # one call per step "under guidance", 3 rows
 
     pipe = OddPipe()
     noise, cond, _ = _toy_inputs(batch=3)
-    handle = fastflow.enable(pipe, "threshold", per_sample=True)
-    with pytest.warns(UserWarning, match="per_sample=false"):
+    handle = fastflow.enable(pipe, "threshold", per_sample=True, threshold=0.5)
+    with pytest.warns(UserWarning, match="decides per batch there"):
+        x = pipe(noise, _uniform(10), cond=cond)
+    rec = handle.last
+    assert "cannot be split" in rec.note and rec.nfe_per_sample is None
+    handle = fastflow.enable(pipe, "threshold", per_sample=False, threshold=0.5)
+    ref = pipe(noise, _uniform(10), cond=cond)
+    assert torch.equal(x, ref) and handle.last.nfe == rec.nfe < 10
+
+    handle = fastflow.enable(pipe, _ByRow())
+    with pytest.warns(UserWarning, match="every step is computed"):
         x = pipe(noise, _uniform(10), cond=cond)
     fastflow.disable(pipe)
-    rec = handle.last
-    assert rec.nfe == 10 and "cannot be split" in rec.note
-    ref = pipe(noise, _uniform(10), cond=cond)
-    assert torch.equal(x, ref)
+    assert handle.last.nfe == 10 and "every step computed" in handle.last.note
+    assert torch.equal(x, pipe(noise, _uniform(10), cond=cond))

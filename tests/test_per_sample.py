@@ -146,10 +146,11 @@ def test_a_batch_mixing_edit_strengths():
     kind = torch.tensor([1, 1, 1, 1])
     strength = [1.0, 0.6, 1.0, 0.3]
     for policy in ("threshold", "fixed"):
-        mixed = fastflow.sample(two_flows, noise, steps=50, policy=policy, init=init, strength=strength, kind=kind)
+        opts = {"per_sample": "true"} if policy == "threshold" else None
+        mixed = fastflow.sample(two_flows, noise, steps=50, policy=policy, policy_options=opts, init=init,
+                                strength=strength, kind=kind)
         for rows, s in (([0, 2], 1.0), ([1], 0.6), ([3], 0.3)):
             kw = {} if s == 1.0 else dict(init=init[rows], strength=s)
-            opts = {"per_sample": "true"} if policy == "threshold" else None
             own = fastflow.sample(two_flows, noise[rows], steps=50, policy=policy, policy_options=opts,
                                   kind=kind[rows], **kw)
             assert torch.allclose(mixed.x[rows], own.x, atol=1e-6), (policy, s)
