@@ -53,6 +53,25 @@ def generate(model, spec, policy, noise, labels, guidance, batch, steps, solver=
     return _generate(model, spec, policy, noise, labels, guidance, batch, steps, solver)
 
 
+def generate_mixed(model, spec, policy, noise, labels, guidance, batch, steps, init, strength):
+    """The edit mix as a user runs it: batches of ``batch`` rows mixing generations (even
+    rows) and edits (odd rows), one ``strength`` per row; a per-sample policy runs each
+    batch whole (fastflow.rows), a per-batch one as one part per strength."""
+    strengths = [1.0 if r % 2 == 0 else strength for r in range(noise.shape[0])]
+    xs, nfes, calls, wall = [], [], 0, 0.0
+    for lo in range(0, noise.shape[0], batch):
+        hi = min(lo + batch, noise.shape[0])
+        lab = labels[lo:hi]
+        res = fastflow.sample(model, noise[lo:hi], steps=steps, policy=policy, shift=spec.default_shift,
+                              model_key=spec.key, init=init[lo:hi], strength=strengths[lo:hi], label=lab,
+                              guidance=guidance, uncond={"label": torch.full_like(lab, spec.null_label)})
+        xs.append(res.x)
+        nfes += res.nfe_per_sample
+        calls += res.model_calls
+        wall += res.wall_seconds
+    return torch.cat(xs), nfes, calls, wall
+
+
 def _generate(model, spec, policy, noise, labels, guidance, batch, steps, solver="euler", _edit_kwargs=None):
     xs, nfes, calls, wall = [], [], 0, 0.0
     for lo in range(0, noise.shape[0], batch):
@@ -111,6 +130,9 @@ def main():
     ap.add_argument("--edit", type=float, default=None, metavar="S",
                     help="every other sample an edit at strength S of a generated image of its label")
     ap.add_argument("--policies", default="threshold,ucb", help="comma-separated: threshold, ucb")
+    ap.add_argument("--one-batch", action="store_true",
+                    help="with --edit: also run the mix in mixed batches (per-sample decisions for real, "
+                         "threshold per_sample=auto) and per batch at the default options")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     spec = fastflow.get_model(a.model)
@@ -145,10 +167,18 @@ def main():
     sweeps = {k: sweeps[k] for k in a.policies.split(",")}
     curves = {}
     for policy, (opt, values) in sweeps.items():
-        for mode, batch in (("per-batch", a.batch), ("per-sample", 1)):
+        modes = [("per-batch", a.batch), ("per-sample", 1)]
+        if a.one_batch and edit is not None and policy == "threshold":
+            modes.append(("per-sample, mixed batches", a.batch))
+        for mode, batch in modes:
             for v in values:
                 pol = fastflow.get_policy(policy, **{opt: v})
-                x, nfes, calls, wall = generate(model, spec, pol, noise, labels, guidance, batch, a.steps, edit=edit)
+                if mode == "per-sample, mixed batches":
+                    x, nfes, calls, wall = generate_mixed(model, spec, pol, noise, labels, guidance, batch,
+                                                          a.steps, *edit)
+                else:
+                    x, nfes, calls, wall = generate(model, spec, pol, noise, labels, guidance, batch, a.steps,
+                                                    edit=edit)
                 row = {**base, "method": policy, opt: v, "mode": mode, "nfe": sum(nfes) / len(nfes),
                        "nfe_min": min(nfes), "nfe_max": max(nfes), "model_calls": calls,
                        "psnr_full_db": round(psnr(x, ref, rng), 2), "psnr_ode_db": round(psnr(x, ode, rng), 2),
