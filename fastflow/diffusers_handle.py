@@ -17,6 +17,7 @@ from typing import Any
 
 from . import diffusers_rows, estimator
 from .controller import SkipController, Step
+from .diffusers_rows import main_tensor as _main_tensor
 from .jsonutil import jsonable
 from .policy import History, RowHistory, SampleContext
 
@@ -620,14 +621,6 @@ def remove_hook(module, had_forward: bool, had_registry: bool) -> None:
 
 
 # -- output structure, keys ---------------------------------------------------------------
-
-def _main_tensor(out):
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # diffusers BaseOutput
-        return out[next(iter(out.keys()))]
-    return out
-
 
 def _rebuild(template, v):
     """An output shaped like ``template`` (tensor, tuple or BaseOutput) carrying ``v``."""

@@ -28,8 +28,8 @@ import functools
 from typing import Any
 
 from .diffusers_handle import HOOK_NAME, FastFlowHandle, PipelineCall, remove_hook
-from .diffusers_rows import Gather, gather
-from .errors import OptionError
+from .diffusers_rows import Gather, gather, main_tensor
+from .errors import FastFlowError, OptionError
 
 DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
@@ -77,8 +77,22 @@ def _hook_class():
             out = _before(self.handle, self)
             forward = self.fn_ref.original_forward
             if isinstance(out, Gather):  # per-sample decisions: only the rows that compute
-                args, kwargs = gather(args, kwargs, out.index, out.batch)
-                return _after(self.handle, forward(*args, **kwargs), None)
+                sub_args, sub_kwargs = gather(args, kwargs, out.index, out.batch)
+                rows, problem = len(out.index), None
+                try:
+                    sub_out = forward(*sub_args, **sub_kwargs)
+                    got = main_tensor(sub_out).shape[0]
+                    if got != rows:
+                        problem = f"it returned {got} rows"
+                except (RuntimeError, ValueError) as exc:
+                    problem = f"it failed ({exc})"
+                if problem is not None:
+                    self.handle._pending_call = None
+                    raise FastFlowError(
+                        f"per-sample decisions ran {type(module).__name__} on {rows} of {out.batch} rows and "
+                        f"{problem}: an input that is per row was not recognised as such. "
+                        f"Give the policy per_sample=false to decide per batch")
+                return _after(self.handle, sub_out, None)
             if out is not None:
                 return out
 

@@ -54,6 +54,16 @@ class Gather(NamedTuple):
     batch: int
 
 
+def main_tensor(out):
+    """The tensor a denoiser returns: itself, the first of a tuple, or the first field of
+    a diffusers ``BaseOutput``."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
+        return out[next(iter(out.keys()))]
+    return out
+
+
 def layout_of(pipe, batch: int, calls_per_step: int) -> RowLayout | None:
     """The layout of a pipeline's denoiser calls of ``batch`` rows, or None where it is
     not understood. One call per step under guidance is a concatenated call."""
@@ -63,12 +73,20 @@ def layout_of(pipe, batch: int, calls_per_step: int) -> RowLayout | None:
 
 
 def gather(args: tuple, kwargs: dict, index: Any, batch: int) -> tuple[tuple, dict]:
-    """``args``/``kwargs`` with every per-row tensor cut to the rows in ``index``."""
+    """``args``/``kwargs`` with every per-row tensor cut to the rows in ``index``, also
+    inside lists, tuples and dicts (ControlNet residuals, IP-Adapter embeddings in the
+    attention kwargs)."""
     import torch
 
     def cut(name, a):
-        if (torch.is_tensor(a) and a.dim() >= 1 and a.shape[0] == batch and name not in NOT_PER_ROW):
-            return a.index_select(0, index)
+        if name in NOT_PER_ROW:
+            return a
+        if torch.is_tensor(a):
+            return a.index_select(0, index) if a.dim() >= 1 and a.shape[0] == batch else a
+        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+            return type(a)(cut(None, x) for x in a)
+        if isinstance(a, dict):
+            return {k: cut(k, x) for k, x in a.items()}
         return a
 
     return tuple(cut(None, a) for a in args), {k: cut(k, a) for k, a in kwargs.items()}

@@ -799,3 +799,57 @@ def test_per_sample_decisions_where_calls_cannot_be_split():
     fastflow.disable(pipe)
     assert handle.last.nfe == 10 and "every step computed" in handle.last.note
     assert torch.equal(x, pipe(noise, _uniform(10), cond=cond))
+
+
+class _NestedDenoiser(ToyDenoiser):
+    """Per-row inputs inside a dict and a list (as IP-Adapter embeddings in attention
+    kwargs, ControlNet residuals), or hidden in an object fastflow cannot see into."""
+
+    def forward(self, hidden_states, timestep, cond=None, extras=None, residuals=(), box=None, return_dict=False):
+        v = super().forward(hidden_states, timestep, cond=cond)[0]
+        if extras is not None:
+            v = v + extras["shift"]
+        for r in residuals:
+            v = v + r
+        if box is not None:
+            v = v + box.tensor
+        return (v,)
+
+
+class _NestedPipe(ToyPipe):
+    def __init__(self):
+        super().__init__()
+        self.transformer = _NestedDenoiser()
+
+    def __call__(self, x, sigmas, **inputs):
+        s = self.scheduler
+        s.set_timesteps(sigmas=list(sigmas))
+        s.set_begin_index(0)
+        for t in s.timesteps:
+            v = self.transformer(x, (t / 1000).expand(x.shape[0]), **inputs)[0]
+            x = s.step(v, t, x, return_dict=False)[0]
+        self.transformer._diffusers_hook.reset_stateful_hooks() if hasattr(self.transformer, "_diffusers_hook") else None
+        return x
+
+
+def test_per_sample_decisions_cut_nested_inputs_and_name_what_they_cannot():
+    pipe = _NestedPipe()
+    noise, cond, uncond = _toy_inputs(batch=3)
+    inputs = {"cond": cond, "extras": {"shift": uncond}, "residuals": [0.5 * uncond]}
+    handle = fastflow.enable(pipe, _ByRow())
+    x = pipe(noise, _uniform(12), **inputs)
+    rec = handle.last
+    assert len(set(rec.nfe_per_sample)) == 3
+    for r in range(3):
+        fastflow.enable(pipe, "fixed", compute=",".join(map(str, rec.computed_per_sample[r])))
+        one = {"cond": cond[r:r + 1], "extras": {"shift": uncond[r:r + 1]}, "residuals": [0.5 * uncond[r:r + 1]]}
+        assert torch.allclose(x[r], pipe(noise[r:r + 1], _uniform(12), **one)[0], atol=1e-5), r
+
+    class Box:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    fastflow.enable(pipe, _ByRow())
+    with pytest.raises(fastflow.FastFlowError, match="per_sample=false"):
+        pipe(noise, _uniform(12), cond=cond, box=Box(uncond))
+    fastflow.disable(pipe)
