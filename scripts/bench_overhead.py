@@ -38,7 +38,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    from fastflow.cli import DEFAULT_MODEL
+    from fastflow.modelspec import DEFAULT_MODEL
 
     spec = fastflow.get_model(args.model or DEFAULT_MODEL)
     model = spec.build()
@@ -47,12 +47,13 @@ def main():
     cond = {"label": torch.arange(args.batch) % max(spec.num_labels, 1)} if spec.num_labels else {}
     with torch.inference_mode():
         v0 = model(x, torch.ones(args.batch), **cond)
-    null_model = lambda x, t, **c: v0  # noqa: E731
+    null_model = lambda x, t, **c: v0[: x.shape[0]]  # noqa: E731  (ucb calibrates on one row)
 
     # Same skip pattern for all three (two skipped after each evaluation), so the
     # difference to `fixed` is the policy's bookkeeping alone.
     policies = {
         "fixed (skip=2)": fastflow.get_policy("fixed", skip=2),
+        "fixed (skip=2, correct=false)": fastflow.get_policy("fixed", skip=2, correct=False),
         "ucb (arms=2)": fastflow.get_policy("ucb", arms="2"),
         "threshold (max_skip=2)": fastflow.get_policy("threshold", threshold=1e9, max_skip=2),
     }
