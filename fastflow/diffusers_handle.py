@@ -115,16 +115,14 @@ class _Call:
         self.comp_index = None  # the computing samples, as a device tensor
         self.call_index = None  # their rows in the denoiser call
         self.primary = ""  # the branch whose history steers the step's decisions
-        # the skip run being taken, and the one that ended at this step (its first true
-        # step, Σ h_j (t_j − t_cur)): fastflow.estimator.run_correction
-        self.run_a = 0.0
+        # the last computed step, and the one before the skip run that ends at this step
+        # (-1: none ends here): fastflow.estimator.run_correction
+        self.last_computed = -1
         self.run_from = -1
-        self.run_end: tuple[int, float] | None = None
         self.euler = False  # a first-order Euler scheduler: corrections go into the output
         self.ctx: SampleContext | None = None
-        self.row_run_a: list[float] = []  # per sample, in rows mode
-        self.row_from: list[int] = []
-        self.row_ends: dict[int, float] = {}
+        self.row_from: list[int] = []  # per sample, in rows mode: as run_from (-1: not in a run)
+        self.row_ends: dict[int, int] = {}  # samples whose run ends at this step -> run_from
         self.row_steps = 0  # steps (after step 0) where the model ran on some rows
 
     def set_start(self, start: int, policy) -> None:
@@ -271,7 +269,7 @@ class FastFlowHandle:
         key = hook.tag + (name if (name is not None and n == 0) else f"{name or ''}#{n}")
         c.step_calls += 1
         if c.layout is not None:
-            if key not in c.rhists and key not in c.order:
+            if key not in c.order:
                 c.order.append(key)
             return self._before_rows(c, k, key)
         h = c.hists.get(key)
@@ -322,10 +320,11 @@ class FastFlowHandle:
                     ctl.probe.cancel()
                     self._warn_once("noprobe", "fastflow: the denoiser's input could not be probed (no "
                                                "hidden_states of the output's shape); errors are priced alike at every step")
-        if (c.run_end is not None and c.euler and c.ctl.correct and not c.step_skipped
-                and h.k_cur == c.run_end[0] and h.v_prev is not None):
+        if (c.run_from >= 0 and c.euler and c.ctl.correct and not c.step_skipped
+                and h.k_cur == c.run_from and h.v_prev is not None):
             # the run just ended: the scheduler's Euler step takes v + correction / h
-            corr = estimator.run_correction(v, h.v_prev, h.v_cur, h.t_prev, h.t_cur, t, c.run_end[1])
+            a = estimator.run_span(c.ts, h.k_cur, k)
+            corr = estimator.run_correction(v, h.v_prev, h.v_cur, h.t_prev, h.t_cur, t, a)
             out = _rebuild(out, corr.div_(c.ts[k + 1] - t).add_(v).to(v.dtype))
         h.push(k, t, v)
         c.templates[key] = out
@@ -421,13 +420,11 @@ class FastFlowHandle:
         usable = primary is not None and primary.v_prev is not None and primary.k_cur < k
         # (the policy's run exists: it started at the first output, before any decision)
         c.step_skipped = c.ctl.enter(k, primary, usable)
-        c.run_end = None
-        if c.step_skipped:  # Σ h_j (t_j − t_cur) over the run, for estimator.run_correction
-            if not c.run_a:
-                c.run_from = primary.k_cur
-            c.run_a += (c.ts[k + 1] - c.ts[k]) * (c.ts[k] - primary.t_cur)
-        elif c.run_a:
-            c.run_end, c.run_a = (c.run_from, c.run_a), 0.0
+        c.run_from = -1
+        if not c.step_skipped:
+            if c.last_computed < k - 1:
+                c.run_from = c.last_computed
+            c.last_computed = k
 
     # -- per-sample decisions (fastflow.diffusers_rows) ---------------------------------
     def _start_rows(self, c: _Call) -> None:
@@ -452,7 +449,7 @@ class FastFlowHandle:
             return
         c.layout = layout
         c.rhists = {key: diffusers_rows.from_history(h, layout) for key, h in c.hists.items()}
-        c.row_run_a, c.row_from = [0.0] * layout.samples, [-1] * layout.samples
+        c.row_from = [-1] * layout.samples
         c.hists = {}
         c.ctl.start_rows(layout.samples)
 
@@ -464,15 +461,13 @@ class FastFlowHandle:
             hist = c.rhists[primary_key] = RowHistory(c.layout.samples)
         c.primary = primary_key
         c.comp, c.skip = c.ctl.enter_rows(k, hist)
-        step = c.ts[k + 1] - c.ts[k]
-        for r in c.skip:  # Σ h_j (t_j − t_cur) per sample, for its run's correction
-            if not c.row_run_a[r]:
+        for r in c.skip:  # where each sample's run began, for its correction
+            if c.row_from[r] < 0:
                 c.row_from[r] = hist.k_cur[r]
-            c.row_run_a[r] += step * (c.ts[k] - hist.t_cur[r])
         c.row_ends = {}
         for r in c.comp:
-            if c.row_run_a[r]:
-                c.row_ends[r], c.row_run_a[r] = c.row_run_a[r], 0.0
+            if c.row_from[r] >= 0:
+                c.row_ends[r], c.row_from[r] = c.row_from[r], -1
         c.step_skipped = not c.comp
         c.comp_index = c.call_index = None
         if c.comp and c.skip:
@@ -508,9 +503,9 @@ class FastFlowHandle:
         rh = c.rhists.get(key)
         if rh is None:
             rh = c.rhists[key] = RowHistory(lay.samples)
-        ends = {}
+        ends: list[int] = []
         if c.row_ends and c.euler and c.ctl.correct and mode != "fallback":
-            ends = {r: a for r, a in c.row_ends.items() if rh.k_cur[r] == c.row_from[r] and rh.usable(r)}
+            ends = [r for r, f in c.row_ends.items() if rh.k_cur[r] == f and rh.usable(r)]
         step = c.ts[k + 1] - t
         if mode == "rows":
             sub = diffusers_rows.RowLayout(len(c.comp), lay.pairs).view(v)
@@ -519,7 +514,7 @@ class FastFlowHandle:
             view.index_copy_(0, c.comp_index, sub)
             diffusers_rows.fill(view, rh, c.skip, t)
             if ends:
-                diffusers_rows.correct(view, sub, rh, ends, {r: i for i, r in enumerate(c.comp)}, t, step)
+                diffusers_rows.correct(view, sub, rh, ends, {r: i for i, r in enumerate(c.comp)}, c.ts, k, step)
             if key == c.primary:
                 c.ctl.measure_rows(c.comp, sub, rh, t)
             rh.push(c.comp, c.comp_index, k, t, sub)
@@ -532,7 +527,7 @@ class FastFlowHandle:
                 c.ctl.measure_rows(rows, lay.view(v), rh, t)
             if ends:
                 full = v.clone()
-                diffusers_rows.correct(lay.view(full), lay.view(v), rh, ends, None, t, step)
+                diffusers_rows.correct(lay.view(full), lay.view(v), rh, ends, None, c.ts, k, step)
             rh.push(rows, None, k, t, lay.view(v))
             if ends:
                 out = _rebuild(out, full)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from . import estimator
+from .rows import run_corrections
 
 #: inputs that are never per-row, whatever their leading dimension (FLUX's 2-D ids)
 NOT_PER_ROW = frozenset({"img_ids", "txt_ids"})
@@ -99,10 +100,7 @@ def fill(out_view: Any, hist, rows: list[int], t: float) -> None:
     floating-point operations it would get alone."""
     import torch
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for r in rows:
-        groups.setdefault((hist.k_prev[r], hist.k_cur[r]), []).append(r)
-    for group in groups.values():
+    for group in hist.pairs(rows).values():
         index = torch.tensor(group, device=out_view.device)
         v_prev, v_cur = hist.v_prev.index_select(0, index), hist.v_cur.index_select(0, index)
         e = estimator.extrapolate(v_prev, v_cur, hist.t_prev[group[0]], hist.t_cur[group[0]], t)
@@ -123,21 +121,11 @@ def from_history(h, layout: RowLayout):
     return rh
 
 
-def correct(out_view: Any, v_view: Any, hist, ends: dict, vpos: dict | None, t: float, step: float) -> None:
-    """For each sample r whose skip run ended at this step (``ends[r]``: the run's
-    Σ h_j (t_j − t_cur)), write v + correction / step into ``out_view`` at row r, the
-    true output taken from ``v_view`` at ``vpos[r]`` (None: r), the history not yet
-    updated (:func:`fastflow.estimator.run_correction`; grouped by run so each sample
-    gets the operations it gets alone)."""
-    import torch
-
-    groups: dict[tuple, list[int]] = {}
-    for r, a in ends.items():
-        groups.setdefault((hist.k_prev[r], hist.k_cur[r], a), []).append(r)
-    for (_, _, a), rows in groups.items():
-        idx = torch.tensor(rows, device=out_view.device)
-        at = idx if vpos is None else torch.tensor([vpos[r] for r in rows], device=out_view.device)
-        v = v_view.index_select(0, at)
-        corr = estimator.run_correction(v, hist.v_prev.index_select(0, idx), hist.v_cur.index_select(0, idx),
-                                        hist.t_prev[rows[0]], hist.t_cur[rows[0]], t, a)
+def correct(out_view: Any, v_view: Any, hist, rows: list[int], vpos: dict | None, ts: list[float], k: int,
+            step: float) -> None:
+    """For each sample r of ``rows`` whose skip run ends at step k, write v + correction /
+    step into ``out_view`` at row r (:func:`fastflow.rows.run_corrections`), the true
+    output taken from ``v_view`` at ``vpos[r]`` (None: r), the history not yet updated."""
+    positions = rows if vpos is None else [vpos[r] for r in rows]
+    for idx, _, v, corr in run_corrections(v_view, hist, rows, positions, ts, k):
         out_view.index_copy_(0, idx, corr.div_(step).add_(v).to(out_view.dtype))

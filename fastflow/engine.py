@@ -423,7 +423,6 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     t_vecs = [torch.full((batch,), t, dtype=noise.dtype, device=noise.device) for t in ts[:-1]]
     enter = ctl.enter
     correct = stepper is None and ctl.correct
-    run_a = 0.0
 
     x = noise.clone()
     hist = History()
@@ -444,8 +443,6 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                     continue
                 if slope is None:
                     slope = estimator.slope(hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur)
-                    run_a = 0.0
-                run_a += h * (t - hist.t_cur)
                 if stepper is None:
                     estimator.euler_skip_(x, hist.v_cur, slope, hist.t_cur, t, h)
                 else:
@@ -455,7 +452,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             if not computed_steps:
                 check_velocity(v, x)
             if slope is not None and correct:  # a first-order Euler run just ended
-                x.add_(estimator.run_correction(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, run_a))
+                a = estimator.run_span(ts, hist.k_cur, k)
+                x.add_(estimator.run_correction(v, hist.v_prev, hist.v_cur, hist.t_prev, hist.t_cur, t, a))
             slope = None
             sums.append(v.sum())
             computed_steps.append(k)

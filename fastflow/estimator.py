@@ -44,13 +44,18 @@ def euler_skip_(x: Any, v_cur: Any, slope_: Any, t_cur: float, t: float, h: floa
     return x.add_(v_cur, alpha=h).add_(slope_, alpha=h * (t - t_cur))
 
 
+def run_span(ts: list[float], c: int, k: int) -> float:
+    """Σ_j h_j (t_j − t_c) over the skipped steps c < j < k (``a`` of :func:`run_correction`)."""
+    return sum((ts[j + 1] - ts[j]) * (ts[j] - ts[c]) for j in range(c + 1, k))
+
+
 def run_correction(v: Any, v_prev: Any, v_cur: Any, t_prev: float, t_cur: float, t: float, a: float) -> Any:
     """What the state gains when a skip run's extrapolated velocities are replaced, once
     the model is consulted again at ``t`` (true velocity ``v``), by the line from v_cur
     to v: the run used v̂(t_j) = v_cur + (t_j − t_cur)·s_e with s_e the extrapolation's
     slope, the line has slope s_l = (v − v_cur)/(t − t_cur), so the state moves by
     Σ_j h_j (t_j − t_cur)·(s_l − s_e) = a·(s_l − s_e), with ``a`` = Σ_j h_j (t_j − t_cur)
-    over the run's steps. A new tensor. No evaluation is added: the run is re-integrated
+    over the run's steps (:func:`run_span`). A new tensor. No evaluation is added: the run is re-integrated
     with the interpolation its end makes possible (for a velocity quadratic in t this
     halves the error the run left in the state; exact for one linear in t)."""
     d = (v - v_cur).div_(t - t_cur)

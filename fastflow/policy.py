@@ -100,6 +100,15 @@ class RowHistory:
         """Row r holds two true velocities (it can be extrapolated)."""
         return self.k_prev[r] >= 0
 
+    def pairs(self, rows: list[int]) -> dict[tuple[int, int], list[int]]:
+        """``rows`` grouped by the steps of their two true velocities: rows of a group
+        share every scalar of their extrapolation, so one set of operations serves them
+        all, as it would serve each alone."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in rows:
+            groups.setdefault((self.k_prev[r], self.k_cur[r]), []).append(r)
+        return groups
+
 
 class PolicyRun:
     """Per-sample decisions. The default computes every step.

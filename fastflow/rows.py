@@ -41,14 +41,11 @@ def integrate_rows(velocity_for: Callable, noise: Any, ts: list[float], ctl, sta
     sums: list[Any] = []
     computed_steps: list[int] = []
     checked = False
-    run_a = [0.0] * batch  # per row: Σ h_j (t_j − t_cur) over its current skip run
     for k in range(T):
         t, h = ts[k], ts[k + 1] - ts[k]
         comp, skip = ctl.enter_rows(k, hist)
         if skip:
             _extrapolate(x, hist, skip, batch, t, h)
-            for r in skip:
-                run_a[r] += h * (t - hist.t_cur[r])
         if not comp:
             continue
         whole = len(comp) == batch
@@ -62,7 +59,7 @@ def integrate_rows(velocity_for: Callable, noise: Any, ts: list[float], ctl, sta
         computed_steps.append(k)
         ctl.measure_rows(comp, v, hist, t)
         if ctl.correct:
-            _correct(xs, v, hist, comp, run_a, t)
+            _correct(xs, v, hist, comp, ts, k)
         if whole:
             x.add_(v, alpha=h)
         else:
@@ -78,10 +75,7 @@ def _extrapolate(x, hist: RowHistory, rows: list[int], batch: int, t: float, h: 
     steps they were taken at (one scalar coefficient per group, as the per-batch loop)."""
     import torch
 
-    groups: dict[tuple[int, int], list[int]] = {}
-    for r in rows:
-        groups.setdefault((hist.k_prev[r], hist.k_cur[r]), []).append(r)
-    for group in groups.values():
+    for group in hist.pairs(rows).values():
         t_prev, t_cur = hist.t_prev[group[0]], hist.t_cur[group[0]]
         if len(group) == batch:
             v_prev, v_cur, xs = hist.v_prev, hist.v_cur, x
@@ -93,25 +87,28 @@ def _extrapolate(x, hist: RowHistory, rows: list[int], batch: int, t: float, h: 
             x.index_copy_(0, index, xs)
 
 
-def _correct(xs, v, hist: RowHistory, comp: list[int], run_a: list[float], t: float) -> None:
-    """The computed rows whose skip run just ended: xs[i] += the run's correction
-    (:func:`fastflow.estimator.run_correction`), grouped by the run (same steps, so the
-    same scalars), as the per-batch loop does for a sample alone. ``xs``/``v`` are in the
-    order of ``comp``; ``xs`` may be ``x`` itself (every row computes)."""
+def _correct(xs, v, hist: RowHistory, comp: list[int], ts: list[float], k: int) -> None:
+    """The computed rows whose skip run ends at step k: xs[i] += the run's correction, as
+    the per-batch loop adds it for a sample alone. ``xs``/``v`` are in the order of
+    ``comp``; ``xs`` may be ``x`` itself (every row computes)."""
+    ends = [r for r in comp if hist.k_prev[r] >= 0 and hist.k_cur[r] < k - 1]
+    for _, at, _, corr in run_corrections(v, hist, ends, [comp.index(r) for r in ends], ts, k):
+        xs.index_copy_(0, at, xs.index_select(0, at).add_(corr))
+
+
+def run_corrections(v, hist: RowHistory, rows: list[int], positions: list[int], ts: list[float], k: int):
+    """For ``rows`` whose skip run ends at step k (``v[positions[i]]``: the true velocity
+    of ``rows[i]``; ``hist`` not yet updated), yield per group of rows that share a
+    history pair: (their rows, their positions in v, as device tensors; v there; the
+    :func:`~fastflow.estimator.run_correction` of their runs). The per-row loop adds the
+    correction to the state, the diffusers hook to the output it returns."""
     import torch
 
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(comp):
-        if run_a[r] != 0.0:
-            groups.setdefault((hist.k_prev[r], hist.k_cur[r], run_a[r]), []).append(i)
-            run_a[r] = 0.0
-    for (_, _, a), pos in groups.items():
-        r0 = comp[pos[0]]
-        if len(pos) == len(comp) == len(hist.k_cur):
-            xs.add_(estimator.run_correction(v, hist.v_prev, hist.v_cur, hist.t_prev[r0], hist.t_cur[r0], t, a))
-            continue
-        at = torch.tensor(pos, device=v.device)
-        rows = torch.tensor([comp[i] for i in pos], device=v.device)
-        corr = estimator.run_correction(v.index_select(0, at), hist.v_prev.index_select(0, rows),
-                                        hist.v_cur.index_select(0, rows), hist.t_prev[r0], hist.t_cur[r0], t, a)
-        xs.index_copy_(0, at, xs.index_select(0, at).add_(corr))
+    at_of = dict(zip(rows, positions))
+    for (_, c), group in hist.pairs(rows).items():
+        idx = torch.tensor(group, device=v.device)
+        at = torch.tensor([at_of[r] for r in group], device=v.device)
+        vg = v.index_select(0, at)
+        corr = estimator.run_correction(vg, hist.v_prev.index_select(0, idx), hist.v_cur.index_select(0, idx),
+                                        hist.t_prev[group[0]], hist.t_cur[group[0]], ts[k], estimator.run_span(ts, c, k))
+        yield idx, at, vg, corr
