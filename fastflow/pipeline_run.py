@@ -13,6 +13,7 @@ from .compare import comparison, cost, resolve_policy_with_state, write_summary
 from .diffusers_hook import PipelineCall, disable, enable
 from .artifact import Exported
 from .errors import FastFlowError, OptionError
+from .precision import torch_dtype
 
 
 
@@ -48,12 +49,8 @@ def _load_diffusers_pipeline(model, device, dtype):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        try:
-            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                     "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-        except KeyError:
-            raise OptionError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}") from None
+    else:
+        dtype = torch_dtype(dtype)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -179,9 +179,9 @@ def warm_up(model, x, spec, label_list, backend) -> float:
 
     started = time.perf_counter()
     fn = backend.load(model, device=x.device)
-    cond = {} if label_list is None else {"label": torch.tensor(label_list[: x.shape[0]])}
-    with torch.inference_mode():
-        fn(x, torch.ones(x.shape[0]), **cond)
+    with torch.inference_mode():  # inputs made inside it, as the sampler's are: a compiled graph guards on that
+        cond = {} if label_list is None else {"label": torch.tensor(label_list[: x.shape[0]])}
+        fn(x.clone(), torch.ones(x.shape[0]), **cond)
     return time.perf_counter() - started
 
 
@@ -208,7 +208,7 @@ def print_summary(s: dict) -> None:
     if s.get("nfe_min") is not None and s["nfe_min"] != s["nfe_max"]:
         nfe += f" (min {s['nfe_min']}, max {s['nfe_max']})"
     rows = [
-        ("model", s.get("model")), ("policy", s.get("policy")), ("backend", s.get("backend", "torch")),
+        ("model", s.get("model")), ("policy", s.get("policy")), ("backend", s.get("backend", "torch") + (f" ({s['dtype']})" if s.get("dtype") not in (None, "fp32") else "")),
         ("steps", s.get("steps")), ("samples" if "samples" in s else "pipeline calls", s.get("samples", s.get("runs"))),
         ("NFE per sample", nfe),
         ("speed-up (NFE)", f"{s['speedup_nfe']:.2f}x"),

@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", action="store_true",
                     help="add torch's dynamic int8 quantization of the Linear layers (CPU), and report its "
                          "quality cost: PSNR of 16 all-steps samples against fp32 on the same seeds")
+    ap.add_argument("--bf16", action="store_true",
+                    help="add the network in bf16 behind float32 inputs (eager, and compiled unless --no-compile; "
+                         "fastflow run --dtype bf16), and report its quality cost as for --int8")
     args = ap.parse_args(argv)
 
     import torch
@@ -159,6 +162,19 @@ def _bench(args, model, described, work: Path, batches, reps, threads) -> int:
             backends["torch-compile cpu fp32"] = tc
         if args.int8:
             backends["torch eager int8 (dynamic)"] = _int8(model)
+        if args.bf16:  # the network in bf16, inputs and outputs float32 (fastflow run --dtype bf16)
+            import copy
+
+            from fastflow.precision import at_precision
+
+            backends["torch eager bf16"] = at_precision(copy.deepcopy(model), "bf16")
+            if not args.no_compile:
+                tcb = fastflow.get_backend("torch-compile").load(at_precision(copy.deepcopy(model), "bf16"))
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    tcb(torch.randn(2, 3, 32, 32), torch.rand(2), label=torch.tensor([1, 36]))
+                print(f"torch-compile bf16: compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+                backends["torch-compile cpu bf16"] = tcb
     else:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -235,10 +251,11 @@ def _bench(args, model, described, work: Path, batches, reps, threads) -> int:
     for r in rows:
         print(f"| {r['backend']} | {r['batch']} | {r['ms_per_eval']:.2f} | {r['min_ms']:.2f} | {r[base_key]:.2f}x | "
               + (f"{r['cpu_ms_per_eval']:.1f} | " if cpu_col else "") + f"{r['max_abs_error_vs_torch_fp32']:.2g} |")
-    if args.int8 and args.device == "cpu":
-        quality = _int8_quality(args.model, model, backends["torch eager int8 (dynamic)"])
-        print(f"\nint8 quality: {quality}")
-        rows.append({"backend": "torch eager int8 (dynamic)", "quality": quality})
+    for flag, name in ((args.int8, "torch eager int8 (dynamic)"), (args.bf16, "torch eager bf16")):
+        if flag and args.device == "cpu":
+            quality = _quality_vs_fp32(args.model, model, backends[name])
+            print(f"\n{name}, quality: {quality}")
+            rows.append({"backend": name, "quality": quality})
     if args.json_path:
         info = {"model": described, "device": device_name, "torch": torch.__version__, "threads": threads,
                 "reps": reps, "rows": rows, "versions": _versions()}
@@ -259,9 +276,9 @@ def _int8(model):
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-def _int8_quality(name: str, model, quantized, samples: int = 16) -> dict:
-    """PSNR and class accuracy of all-steps samples (the model's defaults) from the int8
-    model against the fp32 model on the same seeds."""
+def _quality_vs_fp32(name: str, model, other, samples: int = 64) -> dict:
+    """PSNR and class accuracy of all-steps samples (the model's defaults) from ``other``
+    (int8, bf16) against the fp32 model on the same seeds."""
     import torch
 
     import fastflow
@@ -274,11 +291,11 @@ def _int8_quality(name: str, model, quantized, samples: int = 16) -> dict:
     if spec.default_guidance is not None:
         kw.update(guidance=spec.default_guidance, uncond={"label": torch.full_like(labels, spec.null_label)})
     ref = fastflow.sample(model, noise, **kw).x
-    out = fastflow.sample(quantized, noise, **kw).x
+    out = fastflow.sample(other, noise, **kw).x
     res = {"samples": samples, "psnr_vs_fp32_db": round(psnr(out, ref, spec.data_range), 2)}
     if spec.evaluate is not None:
         res["class_accuracy_fp32"] = spec.evaluate(ref, labels).get("class_accuracy")
-        res["class_accuracy_int8"] = spec.evaluate(out, labels).get("class_accuracy")
+        res["class_accuracy_other"] = spec.evaluate(out, labels).get("class_accuracy")
     return res
 
 

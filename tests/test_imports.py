@@ -13,7 +13,7 @@ PACKAGES = {"fastflow": "fastflow", "backends": "fastflow.backends", "policies":
 #: module (or package prefix, ending in ".") → layer; a module may import only its own layer or lower
 LAYERS = {
     "fastflow.errors": 0,
-    **{f"fastflow.{m}": 1 for m in ("schedule", "estimator", "sensitivity", "controller", "policy", "checks", "rows", "state", "bandit", "engine",
+    **{f"fastflow.{m}": 1 for m in ("schedule", "estimator", "sensitivity", "controller", "policy", "checks", "rows", "state", "bandit", "engine", "precision",
                                     "modelspec", "jsonutil", "metrics", "hookspecs", "plugins")},
     "fastflow.artifact": 2, "fastflow.sessions": 2,
     "fastflow.policies": 3, "fastflow.policies.": 3, "fastflow.backends": 3, "fastflow.backends.": 3, "fastflow.models": 3, "fastflow.models.": 3,

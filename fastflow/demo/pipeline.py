@@ -40,6 +40,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import CHARS, NULL_LABEL, NUM_CLASSES
+from ..precision import torch_dtype
 from .model import GlyphFlow, LabelEmbedder
 
 __all__ = ["GlyphPipeline", "GlyphLabelEmbedding", "glyph_pipeline", "prompt_to_labels", "engine_timesteps"]
@@ -294,10 +295,6 @@ def glyph_pipeline(directory: str | os.PathLike | None = None, device: str | tor
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
         dtype = torch.float32
-    elif isinstance(dtype, str):
-        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-        if dtype not in names:
-            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
-        dtype = names[dtype]
+    else:
+        dtype = torch_dtype(dtype)  # an OptionError (a ValueError) for an unknown name
     return GlyphPipeline.from_glyph_flow(load_glyph_flow(directory, device=device, dtype=dtype))
