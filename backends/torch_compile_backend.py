@@ -2,7 +2,8 @@
 
 On a CPU inductor fuses the transformer's elementwise work into C++ kernels (it needs a
 C++ compiler, ``g++``); on CUDA it also captures CUDA graphs (``mode="reduce-overhead"``),
-which is what a small, launch-bound model needs. The batch dimension is compiled dynamic,
+which is what a small, launch-bound model needs (each output is copied out of the graph's
+memory, since the sampler keeps the last two velocities). The batch dimension is compiled dynamic,
 so the batch sizes a run meets (a calibration row alone, the rest of the batch, guidance
 doubling it) share one compilation.
 
@@ -38,10 +39,20 @@ class Compiled:
     def __call__(self, *args, **kwargs):
         if self.compile_seconds is None:
             started = time.perf_counter()
-            out = self.compiled(*args, **kwargs)
+            out = self._call(args, kwargs)
             self.compile_seconds = time.perf_counter() - started
             return out
-        return self.compiled(*args, **kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
+        if self.mode != "reduce-overhead":
+            return self.compiled(*args, **kwargs)
+        # CUDA graphs replay into the same output memory: the sampler keeps the last two
+        # velocities, so each call starts a new graph step and hands back its own copy
+        import torch
+
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs).clone()
 
 
 class TorchCompileBackend:

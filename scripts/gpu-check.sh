@@ -94,19 +94,7 @@ else
     fi
   fi
 fi
-# `import fastflow` must give the full package (fastflow.backends and fastflow.policies live in
-# backends/ and policies/): an install if there is one, else a shim of this checkout.  The
-# checkout's own fastflow/ must not shadow either, so the working directory is not put on sys.path.
-export PYTHONSAFEPATH=1
-if ! "$PY" -c "import fastflow.backends.torch_backend, fastflow.policies.ucb" >/dev/null 2>&1; then
-  SHIM="$WORK/src"
-  mkdir -p "$SHIM/fastflow"
-  for f in "$PWD"/fastflow/*; do ln -s "$f" "$SHIM/fastflow/"; done
-  ln -s "$PWD/backends" "$SHIM/fastflow/backends"
-  ln -s "$PWD/policies" "$SHIM/fastflow/policies"
-  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-  echo "fastflow: not installed; using a shim of this checkout ($SHIM)"
-fi
+source scripts/fastflow-path.sh  # an installed fastflow, else a shim of this checkout
 "$PY" -c "import fastflow, fastflow.backends.torch_backend; print('fastflow', fastflow.__version__, 'from', fastflow.__file__)"
 "$PY" - <<'EOF'
 from importlib.metadata import version, PackageNotFoundError

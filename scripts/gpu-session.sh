@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine, in one command (the device tool runs it from the repository root):
+#   0. scripts/gpu_speed.py: evaluation speed (issue 18): eager fp32/bf16, torch.compile with and
+#      without CUDA graphs, whole samples under none/fixed/ucb with syncs per sample (SPEED_S, 300 s);
 #   1. scripts/gpu-check.sh: export, TensorRT build (when TensorRT is there), GPU tests, backend bench;
 #   2. scripts/recipe_sweep.py: the glyph-model training recipes side by side (issue 3), cut at
 #      SWEEP_S seconds; each run writes its accuracy curve as it goes, so a cut run still reports
@@ -13,6 +15,11 @@ OUT=${OUT:-gpu-session-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
+
+PY=python3 WORK=$(mktemp -d /tmp/fastflow-gpu.XXXXXX)
+source scripts/fastflow-path.sh
+timeout "${SPEED_S:-300}" python3 scripts/gpu_speed.py --out "$OUT" 2>&1 | tee "$OUT/gpu_speed.log"
+echo "=== gpu_speed done at t=$(( $(date +%s) - T0 )) s"
 
 SKIP_INSTALL=1 BUDGET_S=${CHECK_S:-170} OUT="$OUT" bash scripts/gpu-check.sh
 echo "=== gpu-check done at t=$(( $(date +%s) - T0 )) s"

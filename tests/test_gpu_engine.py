@@ -40,3 +40,28 @@ def test_syncs_per_sample_do_not_grow_with_the_steps(policy, options):
         counts[steps] = count_syncs(lambda: fastflow.sample(model, x, steps=steps, policy=pol))
     assert counts[20] == counts[60], counts  # a constant number per sample, none per step
     assert counts[60] <= 4, counts
+
+
+def test_cuda_graph_outputs_survive_the_next_replay():
+    """torch-compile on CUDA replays CUDA graphs into the same memory; the sampler keeps
+    the last two velocities, so a run must equal eager (each output is its own copy)."""
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("inductor needs a C++ compiler (g++)")
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32)).cuda().eval()
+    x = torch.randn(4, 32, device="cuda")
+    eager = fastflow.sample(lambda x, t: net(x) * t.view(-1, 1), x, steps=12, policy="fixed")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return self.net(x) * t.view(-1, 1)
+
+    be = fastflow.get_backend("torch-compile")
+    graphs = fastflow.sample(Net(), x, steps=12, policy="fixed", backend=be)
+    assert graphs.nfe == eager.nfe
+    assert torch.allclose(graphs.x, eager.x, atol=1e-4, rtol=1e-4)
