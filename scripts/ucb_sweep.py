@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--model", default="glyphs")
     ap.add_argument("--tolerance", type=float, action="append")
     ap.add_argument("--gamma", type=float, default=None)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="another ucb option, repeatable (e.g. lookahead=true)")
     ap.add_argument("--threshold", type=float, action="append", default=[])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--warm", type=int, default=144, help="warm-up samples (seed 1000) before the warm run")
@@ -83,15 +85,17 @@ def main():
                           "acc": spec.evaluate(ref, torch.tensor(labs)).get("class_accuracy"),
                           "wall_s": round(ref_wall, 2)}), flush=True)
     for tol in a.tolerance or [0.05]:
-        opts = {"tolerance": tol, **({"gamma": a.gamma} if a.gamma is not None else {})}
+        opts = {"tolerance": tol, **({"gamma": a.gamma} if a.gamma is not None else {}),
+                **dict(o.split("=", 1) for o in a.option)}
         cold = fastflow.get_policy("ucb", **opts)
         x, nfes, _, wall = generate(model, spec, cold, a.samples, a.seed, a.batch, a.steps)
-        report(f"ucb-cold tol={tol}", x, nfes, wall, {"after_cal": sum(nfes[1:]) / max(len(nfes) - 1, 1)})
+        tag = "".join(f" {o}" for o in a.option)
+        report(f"ucb-cold tol={tol}{tag}", x, nfes, wall, {"after_cal": sum(nfes[1:]) / max(len(nfes) - 1, 1)})
         if a.warm:
             warm = fastflow.get_policy("ucb", **opts)
             generate(model, spec, warm, a.warm, 1000, a.batch, a.steps)
             x, nfes, _, wall = generate(model, spec, warm, a.samples, a.seed, a.batch, a.steps)
-            report(f"ucb-warm tol={tol}", x, nfes, wall, {"learned": warm.learned()})
+            report(f"ucb-warm tol={tol}{tag}", x, nfes, wall, {"learned": warm.learned()})
     for th in a.threshold:
         x, nfes, _, wall = generate(model, spec, fastflow.get_policy("threshold", threshold=th), a.samples,
                                     a.seed, a.batch, a.steps)
