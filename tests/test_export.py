@@ -387,12 +387,18 @@ def test_the_python_example_in_docs_backends_runs(tmp_path, monkeypatch):
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "backends.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    export_code, bf16_code = re.findall(r"```python\n(.*?)```", text, re.S)
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(code, "docs/backends.md", "exec"), scope)
+    exec(compile(export_code, "docs/backends.md", "exec"), scope)
     assert scope["out"].x.shape == (4, 3, 32, 32) and scope["out"].backend == "onnxruntime"
     assert (tmp_path / "exports" / "tiny-onnx" / METADATA_NAME).exists()
+    import torch
+
+    scope = {}
+    exec(compile(bf16_code, "docs/backends.md (bf16)", "exec"), scope)  # compiles: tens of seconds
+    assert scope["out"].x.dtype == torch.float32 and scope["out"].backend == "torch-compile"
+    assert next(scope["net"].parameters()).dtype == torch.bfloat16
 
 
 # -- the pure-Python checks behind the TensorRT backend, on the CPU (no TensorRT needed) -----
