@@ -396,7 +396,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                velocity_for=None):
     """The per-step loop, driven by a :class:`~fastflow.controller.SkipController`.
     Returns (x, model evaluations per row (computed steps and sensitivity probes), model
-    calls, trace, whether the run was a calibration). A run that decides per sample goes
+    calls (a probe that rides in its step's call adds none), trace, whether the run was a
+    calibration). A run that decides per sample goes
     to the per-row loop (:mod:`fastflow.rows`) with ``velocity_for``."""
     import torch
 
@@ -429,6 +430,12 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     sums = []  # one 0-d device tensor per computed velocity: NaN/Inf shows up in its sum
     computed_steps: list[int] = []
     slope = None  # of the current skip run: (v_cur − v_prev)/(t_cur − t_prev)
+    # a calibration's sensitivity probe rides in the step's own call, the batch doubled
+    # (x and x + e): one call instead of two, which matters where a call costs about the
+    # same at any batch (a GPU; the one-sample calibration on a CPU)
+    probe_velocity = (velocity_for(torch.arange(batch, device=noise.device).repeat(2))
+                      if ctl.probe is not None and velocity_for is not None else None)
+    calls = 0
     ok = False
     try:
         for k in range(T):
@@ -448,7 +455,14 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
                 else:
                     x = stepper(torch.add(hist.v_cur, slope, alpha=t - hist.t_cur), k, x)
                 continue
-            v = velocity(x, t_vecs[k])
+            e = ctl.probe_at(k) if ctl.probe is not None else None  # calibration: the sensitivity at x + e
+            if e is not None and probe_velocity is not None:
+                v, v_probe = probe_velocity(torch.cat([x, x + e.to(x.dtype)]), t_vecs[k].repeat(2)).chunk(2)
+            else:
+                v = velocity(x, t_vecs[k])
+                v_probe = None if e is None else velocity(x + e.to(x.dtype), t_vecs[k])
+                calls += e is not None
+            calls += 1
             if not computed_steps:
                 check_velocity(v, x)
             if slope is not None and correct:  # a first-order Euler run just ended
@@ -458,10 +472,8 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
             sums.append(v.sum())
             computed_steps.append(k)
             ctl.computed(k, v)
-            if ctl.probe is not None:  # calibration: the sensitivity at x + e (a few steps)
-                e = ctl.probe_at(k)
-                if e is not None:
-                    ctl.probed(k, velocity(x + e.to(x.dtype), t_vecs[k]), v)
+            if e is not None:
+                ctl.probed(k, v_probe, v)
             if ctl.pending >= 0:  # the error of the extrapolation at this step
                 ctl.measure(v, hist, t)
                 ctl.settle()
@@ -475,7 +487,7 @@ def _integrate(velocity, noise, ts: list[float], policy: Policy, ctx: SampleCont
     finally:
         ctl.close(ok)
     nfe = ctl.nfe + ctl.probes
-    return x, [nfe] * batch, nfe, ctl.trace, ctl.calibrating
+    return x, [nfe] * batch, calls, ctl.trace, ctl.calibrating
 
 
 __all__ = ["sample", "SampleResult", "Step", "FastFlowError"]

@@ -45,9 +45,36 @@ def test_ucb_calibration_measures_the_sensitivity_of_a_linear_field_and_counts_i
     ts = timesteps(20)
     probes = sensitivity.probe_steps(20, pol.run_lengths(20))
     assert out.nfe_per_sample[0] == 20 + len(probes)  # every step, plus one evaluation per probe
-    assert out.model_calls == sum(out.nfe_per_sample[:1]) + out.nfe_per_sample[1]  # rows 1-2 share calls
+    # each probe rides in its step's call (the batch doubled), and rows 1-2 share calls
+    assert out.model_calls == 20 + out.nfe_per_sample[1]
     for j in probes:
         assert pol.sensitivity[j] == pytest.approx((1 + ts[j]) ** 2, rel=1e-4)
+
+
+def test_a_probe_is_evaluated_in_its_steps_own_call_with_the_rows_conditioning_and_guidance():
+    # the calibration row's call at a probe step carries x and x + e, each with the row's
+    # label on both guidance branches: 4 rows, labels (2, 2, null, null)
+    seen = []
+
+    def model(x, t, label):
+        assert label.shape[0] == x.shape[0] == t.shape[0]
+        seen.append(label.tolist())
+        return -x * (1.0 + 0.1 * label.view(-1, 1).float())
+
+    pol = fastflow.get_policy("ucb")
+    labels = torch.tensor([2, 1, 0])
+    out = fastflow.sample(model, torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), steps=20,
+                          policy=pol, model_key="probe-call", label=labels, guidance=2.0,
+                          uncond={"label": torch.full_like(labels, 9)})
+    probes = sensitivity.probe_steps(20, pol.run_lengths(20))
+    calibration = seen[:20]  # row 0 calibrates alone, first
+    assert [len(c) for c in calibration].count(4) == len(probes) and all(len(c) in (2, 4) for c in calibration)
+    assert [c for c in calibration if len(c) == 4] == [[2, 2, 9, 9]] * len(probes)
+    assert out.nfe_per_sample[0] == 20 + len(probes) and out.model_calls == 20 + out.nfe_per_sample[1]
+    # v = −(1 + 0.1·label)x guided at 2: v = −(1.9 + 2·(1.2 − 1.9))x = −0.5x, so A = (1 + 0.5t)²
+    # (float32 differences of nearby velocities: to 0.2 %)
+    for k in probes:
+        assert pol.sensitivity[k] == pytest.approx((1 + 0.5 * timesteps(20)[k]) ** 2, rel=2e-3)
 
 
 def test_ucb_skips_less_where_errors_grow():
