@@ -1,8 +1,9 @@
 """fastflow.enable(pipe, ...) on diffusers pipelines.
 
-Real pipeline classes (FLUX, FLUX Kontext, FLUX img2img, SD3, Wan, Chroma) with tiny,
-randomly initialised components built from configs (tests/diffusers_tiny.py): no
-downloads. A toy pipeline loop checks the hook against fastflow.sample step for step.
+Real pipeline classes (FLUX, FLUX Kontext, FLUX img2img, SD3, Wan, Chroma, LTX-Video,
+QwenImage, CogView4, Lumina 2) with tiny, randomly initialised components built from
+configs (tests/diffusers_tiny.py): no downloads. A toy pipeline loop checks the hook
+against fastflow.sample step for step.
 """
 
 from __future__ import annotations
@@ -324,9 +325,13 @@ def _run(pipe, family, seed=0, **extra):
     return out.frames if hasattr(out, "frames") else out.images
 
 
-FAMILIES = ["flux", "sd3", "wan", "flux-kontext", "flux-img2img", "chroma"]
+FAMILIES = ["flux", "sd3", "wan", "flux-kontext", "flux-img2img", "chroma", "ltx", "qwenimage", "cogview4",
+            "lumina2"]
 EXPECTED_BRANCHES = {"flux": ["cond"], "sd3": ["#0"], "wan": ["cond", "uncond"], "flux-kontext": ["#0"],
-                     "flux-img2img": ["#0"], "chroma": ["#0", "#1"]}
+                     "flux-img2img": ["#0"], "chroma": ["#0", "#1"],
+                     "ltx": ["cond_uncond"],  # CFG as one doubled batch per step, in one named context
+                     "qwenimage": ["cond", "uncond"],  # true CFG: two calls per step
+                     "cogview4": ["cond", "uncond"], "lumina2": ["#0", "#1"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -375,6 +380,25 @@ def test_flux_true_cfg_keeps_separate_histories():
         assert out.shape == ref.shape and torch.isfinite(out).all()
         fastflow.enable(pipe, "none")
         assert torch.equal(_run(pipe, "flux", **extra), ref)
+    finally:
+        fastflow.disable(pipe)
+
+
+def test_lumina2_truncated_guidance_drops_the_second_branch():
+    """cfg_trunc_ratio=0.5: Lumina 2 calls the unconditional branch on the first half of
+    the steps only; `none` stays bit for bit and a skipped step skips both branches."""
+    pipe = _pipe("lumina2")
+    ref = _run(pipe, "lumina2", cfg_trunc_ratio=0.5)
+    try:
+        handle = fastflow.enable(pipe, "none")
+        assert torch.equal(_run(pipe, "lumina2", cfg_trunc_ratio=0.5), ref)
+        assert handle.last.branches == ["#0", "#1"] and handle.last.denoiser_calls == STEPS + STEPS // 2
+        handle = fastflow.enable(pipe, "fixed", skip=2)
+        out = _run(pipe, "lumina2", cfg_trunc_ratio=0.5)
+        rec = handle.last
+        assert "".join("#" if s.computed else "." for s in rec.trace) == "##..#..#"
+        assert rec.denoiser_calls == 2 + 2 + 1 + 1 and rec.fallback_calls == 0  # steps 0, 1 guided; 4, 7 not
+        assert out.shape == ref.shape and torch.isfinite(out).all()
     finally:
         fastflow.disable(pipe)
 
@@ -720,7 +744,8 @@ def _images(out):
     return out.frames if hasattr(out, "frames") else out.images
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "wan2.2", "chroma"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "wan2.2", "chroma", "ltx", "qwenimage", "cogview4",
+                                    "lumina2"])
 def test_per_sample_decisions_run_each_sample_as_alone(family):
     """A batch whose samples take different schedules: every sample comes out as it does
     alone under its own schedule (replayed with ``fixed compute=``), the denoiser runs
@@ -728,6 +753,8 @@ def test_per_sample_decisions_run_each_sample_as_alone(family):
     as in SD3 or apart as in Wan), and the record counts each sample's evaluations."""
     pipe = _pipe(family)
     prompts = ["a photo of a cat", "a red dog", "a blue monkey"]
+    if family == "cogview4":  # it pads a batch to its longest prompt with no attention mask: the
+        prompts[0] = "a red cat"  # unhooked pipeline too gives a short prompt another image in a batch
     seeds = (11, 12, 13)
     kw = {**tiny_inputs(family), "num_inference_steps": 12}
     sizes = []  # the batch each denoiser layer actually runs on
