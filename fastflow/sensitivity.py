@@ -43,9 +43,7 @@ def probe_steps(steps: int, room: list[int], count: int | None = None) -> list[i
 def perturbation(vs: list[Any], ts: list[float], j: int) -> Any:
     """e_j = Σ h_i (v̂_i − v_i) over i = j−2, j−1, extrapolating from the true
     velocities at j−4 and j−3 (``vs`` must hold steps 0..j−1)."""
-    for i, e in estimator.state_errors(vs, ts, j - PROBE_RUN - 2, j - PROBE_RUN - 1, j - PROBE_RUN):
-        if i == j - 1:
-            return e
+    return estimator.state_error(vs, ts, j - PROBE_RUN - 2, j - PROBE_RUN - 1, j - PROBE_RUN, j)
 
 
 def amplification(e: Any, v_probe: Any, v: Any, t: float) -> Any:

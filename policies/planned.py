@@ -52,19 +52,12 @@ def run_costs(vs, ts, max_skip: int, sensitivity: list[float] | None = None) -> 
     after computed steps p < c from their true velocities: the run's error in the state,
     grown by the sensitivity where it lands (step c + L + 1; :mod:`fastflow.sensitivity`,
     1 without it). One transfer at the end."""
-    import torch
-
     T = len(vs)
-    keys, vals = [], []
-    for c in range(1, T - 1):
-        for p in range(max(0, c - max_skip - 1), c):
-            for j, e in estimator.state_errors(vs, ts, p, c, c + 1):
-                L = j - c
-                if L > max_skip or j >= T - 1:  # the last step is always computed
-                    break
-                keys.append((p, c, L))
-                vals.append(e.square().mean())
-    values = torch.stack(vals).double().tolist() if vals else []
+    # skipping c+1..c+L (the last step is always computed), consulted again at c + L + 1
+    keys = [(p, c, L) for c in range(1, T - 1) for p in range(max(0, c - max_skip - 1), c)
+            for L in range(1, min(max_skip, T - 2 - c) + 1)]
+    values = (estimator.run_errors(vs, ts, [(p, c, c + 1, c + L + 1) for p, c, L in keys])[0].mean(1).tolist()
+              if keys else [])  # one transfer
     if sensitivity is not None:
         values = [v * sensitivity[c + L + 1] for (p, c, L), v in zip(keys, values)]
     return dict(zip(keys, values))

@@ -192,34 +192,29 @@ class UCBPolicy(BanditPolicy):
         room = self.run_lengths(T)
         if self.sensitivity is None and probes:
             self.sensitivity = profile(probes, T)
-        cells, errs, actual = [], [], []
+        cells, runs = [], []
         for k in range(2, T):
             if not room[k]:
                 continue
             for g in range(1, min(self.contexts, k - 1) + 1):  # history pair (k−1−g, k−1)
                 p, c = k - 1 - g, k - 1
                 index = self.bandit_index(k, p)
-                runs = estimator.state_errors(vs, ts, p, c, k)
-                state = dict(next(runs) for _ in range(min(max(self.arms), room[k])))  # step → E
                 for arm, a in enumerate(self.arms):
                     n = min(a, room[k])
-                    if not n:
-                        continue
-                    state_err = state[k + n - 1]
-                    cells.append((index, arm, n, run_weight(ts, ts[p], ts[c], k, n), self.sensitivity[k + n]
-                                  if self.sensitivity else 1.0))
-                    errs.append(estimator.error(vs[k + n], vs[p], vs[c], ts[p], ts[c], ts[k + n],
-                                                per_sample=True).reshape(-1))
-                    actual.append(state_err.flatten(1).square().mean(1) if state_err.dim() > 1
-                                  else state_err.square().reshape(-1))
+                    if n:
+                        cells.append((index, arm, n, run_weight(ts, ts[p], ts[c], k, n), self.sensitivity[k + n]
+                                      if self.sensitivity else 1.0))
+                        runs.append((p, c, k, k + n))
+        rows = vs[0].shape[0] if vs[0].dim() else 1
+        # (cells, rows) each: the run's E² in the state, and the MSE at k + n it is measured by
+        actual, errs = estimator.run_errors(vs, ts, runs) if runs else (vs[0].new_zeros(0), vs[0].new_zeros(0))
         scale_t = torch.stack([v.float().square().mean() for v in vs]).mean()
-        host = torch.cat([scale_t.reshape(1).double()] + [e.double() for e in errs]
-                         + [e.double() for e in actual]).tolist()  # one transfer
+        host = torch.cat([scale_t.reshape(1).double(), errs.double().flatten(),
+                          actual.double().flatten()]).tolist()  # one transfer
         scale = host[0]
         if not (math.isfinite(scale) and scale > 0):
             return  # an all-zero or broken model: stay uncalibrated (every step computed)
         self.scale = scale
-        rows = vs[0].shape[0] if vs[0].dim() else 1
         measured, real = host[1:1 + len(cells) * rows], host[1 + len(cells) * rows:]
         correction = [[1.0] * len(self.arms) for _ in self.bandits]
         for i, (index, arm, n, w, a) in enumerate(cells):
