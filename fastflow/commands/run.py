@@ -231,7 +231,8 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                                f"{export.runtime_backend} (or leave --backend out)")
     else:
         spec = resolve_model(model_name)
-    if dtype not in (None, "fp32") and (export is not None or backend_name not in ("torch", "torch-compile")):
+    lowered = dtype not in (None, "fp32")  # the network computes in bf16/fp16
+    if lowered and (export is not None or backend_name not in ("torch", "torch-compile")):
         raise UsageFailure(f"--dtype {dtype} runs the PyTorch network in {dtype} (--backend torch or "
                            f"torch-compile); an export keeps the precision it was built with "
                            f"(fastflow export --precision)")
@@ -246,7 +247,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
     samples = samples or (spec.num_labels or 64)  # one per class by default
     shift = spec.default_shift if shift is None else shift
     model_key = export.key if export is not None else spec.key
-    if dtype not in (None, "fp32"):  # its own learning and its own reference: the rounding is part of the model
+    if lowered:  # its own learning and its own reference: the rounding is part of the model
         model_key = f"{model_key}@{dtype}"
     state_path, state_note = _choose_state(policy_name, options, state_path, no_state, model_key,
                                            schedule_key(solver, steps, shift, strength if edit is not None else None))
@@ -267,7 +268,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         model = export if export is not None else spec.build()
     except (OSError, ValueError) as exc:  # e.g. missing or damaged weights
         raise UsageFailure(f"cannot load model '{spec.name}': {exc}") from None
-    if dtype not in (None, "fp32"):
+    if lowered:
         if not isinstance(model, torch.nn.Module):
             raise UsageFailure(f"--dtype {dtype} converts a PyTorch network; model '{spec.name}' is not one "
                                f"(it computes in float32): drop --dtype")
