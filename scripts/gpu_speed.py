@@ -10,7 +10,8 @@ under 8 minutes, installing nothing:
    (``mode="default"``) and with them (the torch-compile backend: ``reduce-overhead``),
    in interleaved repetitions (median, min). Compile times are reported apart.
 2. Whole samples through the engine (``fastflow.sample``, 50 steps, guidance) under
-   ``none``, ``fixed`` and ``ucb`` (warm: its calibration sample runs first, untimed), on
+   ``none``, ``fixed`` and ``ucb`` (warm: its calibration sample runs first, untimed), and
+   a cold ``ucb`` batch calibrating on one row (the default) or on the whole batch, on
    eager bf16 and on the fastest compiled path: wall per sample batch, NFE, the wall
    speed-up against the NFE speed-up, and device→host synchronisations per sample
    (``torch.cuda.set_sync_debug_mode``; the target is a constant few, none per step).
@@ -115,12 +116,18 @@ def whole_samples(fns: dict, spec, device: str, batch: int, steps: int, reps: in
     for name, fn in fns.items():
         policies = {"none": "none", "fixed": fastflow.get_policy("fixed"), "ucb": fastflow.get_policy("ucb")}
         fastflow.sample(fn, noise, policy=policies["ucb"], **kw)  # ucb's calibration sample, untimed
+        # a cold first batch, fresh each time: the default calibrates on one row alone (the
+        # rest accelerated after it); where a call costs about the same at any batch (this
+        # launch-bound model on a GPU), calibrating on the whole batch costs the same wall
+        cold = {"ucb cold (calibrate=1)": {}, f"ucb cold (calibrate={batch})": {"calibrate": batch}}
+        policies.update({c: None for c in cold})
         sync(device)
         walls = {p: [] for p in policies}
         nfe, syncs = {}, {}
         for r in range(reps):
-            for p in (list(policies)[r % 3:] + list(policies)[: r % 3]):
-                res, n_sync = count_syncs(lambda p=p: fastflow.sample(fn, noise, policy=policies[p], **kw), device)
+            for p in (list(policies)[r % len(policies):] + list(policies)[: r % len(policies)]):
+                pol = fastflow.get_policy("ucb", **cold[p]) if p in cold else policies[p]
+                res, n_sync = count_syncs(lambda pol=pol: fastflow.sample(fn, noise, policy=pol, **kw), device)
                 walls[p].append(res.wall_seconds)  # the engine synchronises at the end on CUDA
                 nfe[p], syncs[p] = res.nfe, n_sync
         base = statistics.median(walls["none"])
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
     lines += [f"| {r['variant']} | {r['ms_median']:.3f} | {r['ms_min']:.3f} | {r['speedup_vs_eager_fp32']:.2f}x | "
               f"{r['speedup_vs_eager_bf16']:.2f}x | {r['max_abs_err_vs_fp32']:.2g} | {compile_s[r['variant']]:.1f} |"
               for r in evals]
-    lines += ["", f"whole samples: {steps} steps, batch {args.batch}, guidance {spec.default_guidance}; ucb warm", "",
+    lines += ["", f"whole samples: {steps} steps, batch {args.batch}, guidance {spec.default_guidance}; ucb warm unless said cold", "",
               "| backend | policy | NFE | wall / batch (s) | NFE speed-up | wall speed-up | wall / NFE | syncs / sample |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['backend']} | {r['policy']} | {r['nfe']:.2f} | {r['wall_s_median']:.4f} | {r['speedup_nfe']:.2f}x | "

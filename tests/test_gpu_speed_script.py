@@ -26,5 +26,11 @@ def test_gpu_speed_script_on_cpu(tmp_path, one_torch_thread):
     assert 0 < bf16["max_abs_err_vs_fp32"] < 0.5
     nfe = {r["policy"]: r["nfe"] for r in data["samples"]}
     assert nfe["none"] == 8 and nfe["fixed"] == 4  # 8 steps: fixed computes 0, 1, 4, 7
+    # a cold batch calibrating on both rows: every step and the probes on each
+    import fastflow
+    from fastflow import sensitivity
+
+    full = 8 + len(sensitivity.probe_steps(8, fastflow.get_policy("ucb").run_lengths(8)))
+    assert nfe["ucb cold (calibrate=2)"] == full and nfe["ucb cold (calibrate=1)"] < full
     assert all(r["syncs_per_sample"] is None for r in data["samples"])  # counted on CUDA only
     assert "| torch eager bf16 | fixed | 4.00 |" in (tmp_path / "gpu_speed.md").read_text()
