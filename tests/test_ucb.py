@@ -2,7 +2,6 @@
 decisions, per-sample pulls, and state files that merge instead of losing learning."""
 
 import json
-import math
 import os
 import stat
 import subprocess

@@ -16,7 +16,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
