@@ -5,7 +5,8 @@ timestep-dependent schedule, but reaches it through many noisy samples because r
 MSE rewards are tiny next to its exploration bonus. ``planned`` gets such a schedule
 directly:
 
-1. The first ``calibrate`` samples compute every step and keep the true velocities.
+1. The first ``calibrate`` samples compute every step and keep the true velocities
+   (the first rows of the first batch; the rest of that batch already follows the plan).
 2. For every candidate skip run — computed steps p < c, then L skipped steps — it
    measures what extrapolating from (v_p, v_c) would do to the final sample,
    e = Σ_j h_j (v̂_j − v_j), and scores the run by mean(e²).
@@ -44,7 +45,8 @@ class _Calibration(PolicyRun):
     def close(self, ok=True):
         if ok and len(self.vs) == len(self.ts) - 1:
             sens = profile((self.probe.values() if self.probe is not None else {}), len(self.ts) - 1)
-            self.policy._add_calibration(run_costs(self.vs, self.ts, self.policy.max_skip, sens))
+            rows = self.vs[0].shape[0] if self.vs[0].dim() else 1
+            self.policy._add_calibration(run_costs(self.vs, self.ts, self.policy.max_skip, sens), rows)
 
 
 def run_costs(vs, ts, max_skip: int, sensitivity: list[float] | None = None) -> dict:
@@ -110,7 +112,8 @@ class PlannedPolicy(Policy):
         nfe: model evaluations per sample to plan for (default: steps / speedup).
         speedup: used when ``nfe`` is not given (default 3.0).
         max_skip: longest run of extrapolated steps (default 8).
-        calibrate: full generations averaged before planning (default 1).
+        calibrate: samples that compute every step before planning (default 1: the first
+            of the first batch, whose other rows already follow the plan).
         sensitivity: probe how much an error at each time grows by the end and weigh
             the run costs by it (default true; 12 extra evaluations (on 50 steps) of each calibration
             row, :mod:`fastflow.sensitivity`).
@@ -138,7 +141,7 @@ class PlannedPolicy(Policy):
     def budget(self, steps: int) -> int:
         return self.nfe if self.nfe is not None else max(self.warmup + 1, round(steps / self.speedup))
 
-    def start(self, ctx):
+    def _bind(self, ctx) -> None:
         key = {"model": ctx.model_key, "schedule": ctx.schedule_key, "steps": ctx.steps}
         if self.key is None:
             self.key = key
@@ -147,14 +150,24 @@ class PlannedPolicy(Policy):
         elif key != self.key:
             raise OptionError(f"this planned policy was calibrated for {self.key}; the new sample uses "
                               f"{key}. Use a fresh policy for another model or schedule.")
+
+    def calibration_rows(self, ctx) -> int:
+        """The rows of a batch that still calibrate (the first ones); the rest of the batch
+        already follows the plan they make."""
+        self._bind(ctx)
+        return 0 if self._skips is not None else max(1, self.calibrate - self.calibrated)
+
+    def start(self, ctx):
+        self._bind(ctx)
         if self._skips is None:
             return _Calibration(self, ctx.timesteps)
         return PlannedRun(self._skips)
 
-    def _add_calibration(self, costs: dict) -> None:
+    def _add_calibration(self, costs: dict, rows: int = 1) -> None:
+        """Costs averaged over ``rows`` calibration samples, weighed by them."""
         for k, v in costs.items():
-            self.costs[k] = self.costs.get(k, 0.0) + v
-        self.calibrated += 1
+            self.costs[k] = self.costs.get(k, 0.0) + v * rows
+        self.calibrated += rows
         if self.calibrated >= self.calibrate:
             self._make_plan()
 

@@ -269,7 +269,7 @@ def test_planned_hits_its_budget_and_beats_fixed_at_equal_nfe():
     label = torch.full((32,), 8)  # the unconditional mixture: bent paths
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(5))
     ref = fastflow.sample(model, noise, steps=50, policy="none", label=label).x
-    pol = fastflow.get_policy("planned", nfe=18)
+    pol = fastflow.get_policy("planned", nfe=18, calibrate=32)
     # calibrated on the measured seeds themselves: the plan is the least-error one for these
     # trajectories (on other seeds it beats fixed on most, not all: 2 of 3 tried)
     first = fastflow.sample(model, noise, steps=50, policy=pol, label=label)
@@ -279,6 +279,23 @@ def test_planned_hits_its_budget_and_beats_fixed_at_equal_nfe():
     assert planned.nfe == fixed.nfe == 18
     assert [s.k for s in planned.trace if s.computed] == pol.computed
     assert psnr(planned.x, ref) > psnr(fixed.x, ref)
+
+
+def test_planned_calibrates_on_the_first_rows_and_plans_the_rest_of_the_batch():
+    model, label = gmm(), torch.full((6,), 8)
+    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(5))
+    pol = fastflow.get_policy("planned", nfe=12)
+    out = fastflow.sample(model, noise, steps=40, policy=pol, label=label)
+    assert out.nfe_per_sample == [calibration_nfe(pol, 40)] + [12] * 5 and out.calibration_samples == 1
+    two = fastflow.get_policy("planned", nfe=12, calibrate=2)
+    out = fastflow.sample(model, noise, steps=40, policy=two, label=label)
+    assert out.nfe_per_sample == [calibration_nfe(two, 40)] * 2 + [12] * 4 and two.calibrated == 2
+    # a batch smaller than what is left to calibrate calibrates whole, and the next one the rest
+    three = fastflow.get_policy("planned", nfe=12, calibrate=3)
+    assert fastflow.sample(model, noise[:2], steps=40, policy=three, label=label[:2]).nfe_per_sample == [
+        calibration_nfe(three, 40)] * 2
+    assert fastflow.sample(model, noise[2:], steps=40, policy=three, label=label[2:]).nfe_per_sample == [
+        calibration_nfe(three, 40)] + [12] * 3
 
 
 def test_planned_state_round_trip(tmp_path):
