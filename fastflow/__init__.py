@@ -39,8 +39,12 @@ def get_policy(name: str, **options: Any):
     accepted = accepted_options(entry.obj)
     unknown = sorted(set(options) - set(accepted)) if accepted else []
     if unknown:
+        import difflib
+
         listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items())
-        raise OptionError(f"policy '{name}' has no option {', '.join(unknown)}. Its options: {listing}")
+        close = difflib.get_close_matches(unknown[0], list(accepted), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise OptionError(f"policy '{name}' has no option {', '.join(unknown)}.{hint} Its options: {listing}")
     return entry.obj(**options)
 
 

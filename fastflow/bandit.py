@@ -353,7 +353,7 @@ class BanditPolicy(Policy):
         if not self.bandits or not any(sum(b.counts) for b in self.bandits):
             return None
         path = self.greedy_path()
-        return (f"learned from {self.samples} samples: its greedy schedule computes {len(path)} of "
+        return (f"learned from {self.samples} sample{'' if self.samples == 1 else 's'}: its greedy schedule computes {len(path)} of "
                 f"{self._steps} steps ({_ranges(path)})")
 
     # -- hooks for subclasses --------------------------------------------------------------

@@ -119,6 +119,9 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
     if speedup is not None and speedup_nfe is not None and speedup > NOISY_WALL * speedup_nfe:
         out["speedup_wall_note"] = ("noisy: above the NFE speed-up, which bounds it; the machine's load "
                                     "changed during the run")
+    elif len(eff) == 1:
+        out["speedup_wall_note"] = ("noisy: one timing only, at the mercy of the machine's load (a run "
+                                    "under 20 s of one or two batches is timed again; this one was not)")
     elif len(repeated) > 1 and (max(repeated) - min(repeated)) / min(repeated) > NOISY_SPREAD:
         out["speedup_wall_note"] = (f"noisy: {len(repeated)} timings of the same batch disagree (wall/NFE efficiency "
                                     f"{min(repeated):.2f}-{max(repeated):.2f}): the run is too short to time, or "

@@ -102,8 +102,8 @@ def prepare_out(out_dir, identity: dict) -> Path:
             before = None
         if before != json.loads(json.dumps(identity)):
             diff = [k for k in identity if not isinstance(before, dict) or before.get(k) != identity[k]]
-            raise OptionError(f"--out {out_dir} holds images made with other settings ({', '.join(diff) or SETTINGS_FILE}"
-                              f" differ); resume with the same command, or pass another --out")
+            raise OptionError(f"--out {out_dir} holds images made with other settings (not the same: "
+                              f"{', '.join(diff) or SETTINGS_FILE}); resume with the same command, or pass another --out")
     else:
         atomic_write(pinned, json.dumps(identity, indent=1, sort_keys=True).encode())
     for stale in [*(out / MANIFEST).glob(".*.tmp"), *(out / IMAGES).glob(".*.tmp")]:  # a killed run's

@@ -277,8 +277,13 @@ def opt_float(name: str, value: Any, *, lo: float | None = None, hi: float | Non
     if out != out or out in (float("inf"), float("-inf")):
         raise OptionError(f"option {name} must be a finite number, got {value!r}")
     if (lo is not None and (out < lo or (lo_open and out == lo))) or (hi is not None and out > hi):
-        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise OptionError(f"option {name} must be in {rng}, got {value!r}")
+        if hi is None:
+            rng = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+        elif lo is None:
+            rng = f"a finite number <= {hi:g}"
+        else:
+            rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise OptionError(f"option {name} must be {rng}, got {value!r}")
     return out
 
 
@@ -301,7 +306,11 @@ def opt_int_list(name: str, value: Any, *, lo: int = 0) -> list[int]:
         parts = list(value)
     else:
         raise OptionError(f"option {name} must be a comma-separated list of integers, got {value!r}")
-    out = [opt_int(name, p, lo=lo) for p in parts]
+    try:
+        out = [opt_int(name, p, lo=lo) for p in parts]
+    except OptionError:
+        raise OptionError(f"option {name} must be a comma-separated list of integers >= {lo}, e.g. "
+                          f"{name}=0,1,2,4; got {value!r}") from None
     if not out:
         raise OptionError(f"option {name} must list at least one integer")
     return out

@@ -132,6 +132,10 @@ def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
     (["--label", "9"], "unknown --label '9'"),
     (["--policy", "fixed", "--state", "s.json"], "policy 'fixed' keeps no learned state"),
     (["--steps", "0"], "0 is not in the range 1<=x<=10000"),
+    (["--policy", "ucb", "--option", "tolernce=0.01"], "has no option tolernce. Did you mean 'tolerance'?"),
+    (["--policy", "ucb", "--option", "tolerance=-1"], "option tolerance must be a finite number > 0, got '-1'"),
+    (["--policy", "ucb", "--option", "arms=a,b"], "option arms must be a comma-separated list of integers >= 0"),
+    (["--edit", "any.png", "--label", "mode1"], "--edit takes an image, and model 'gmm' does not generate images"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, no_entry_points, args, needle):
     result = invoke("run", "--model", "gmm", "--samples", "2", "--out", str(tmp_path), *args)

@@ -67,6 +67,9 @@ def test_disagreeing_timings_or_a_wall_above_the_nfe_bound_are_flagged_noisy():
     above = comparison(torch.ones(3), torch.ones(3), 2.0, speedup_nfe=2.0, wall_seconds=1.0,
                        reference_wall_seconds=2.5)
     assert above["speedup_wall_note"].startswith("noisy: above the NFE speed-up")
+    one = comparison(torch.ones(3), torch.ones(3), 2.0, speedup_nfe=2.0, wall_seconds=1.0,
+                     reference_wall_seconds=0.4, timings=[(0.4, 1.0, 100, 50, 1)])  # 0.4x: one timing
+    assert one["speedup_wall_note"].startswith("noisy: one timing only") and one["speedup_wall"] == pytest.approx(0.4)
 
 
 def test_a_short_run_is_timed_several_times_interleaved(tmp_path):

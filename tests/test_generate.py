@@ -222,7 +222,7 @@ def test_an_unwritable_out_and_other_settings_in_out_are_refused(tmp_path):
     assert res.exit_code == 2 and "--out file/set cannot be written" in res.output
     assert invoke(["--out", "set", "--model", "gmm", "--samples", "4"], tmp_path).exit_code == 0
     res = invoke(["--out", "set", "--model", "gmm", "--samples", "4", "--steps", "20"], tmp_path)
-    assert res.exit_code == 2 and "other settings (steps differ)" in res.output
+    assert res.exit_code == 2 and "other settings (not the same: steps)" in res.output
 
 
 def test_missing_ray_is_named_with_the_extra_before_any_work(tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_run_weight_is_the_share_of_the_error_that_lands_in_the_sample():
 
 @pytest.mark.parametrize("opts,needle", [
     ({"tolerance": "inf"}, "tolerance must be a finite number"),
-    ({"tolerance": 0}, "tolerance must be in"),
+    ({"tolerance": 0}, "tolerance must be a finite number > 0"),
     ({"gamma": "nan"}, "gamma must be"),
     ({"gamma": float("inf")}, "gamma must be a finite number"),
     ({"calibrate": 0}, "calibrate must be"),

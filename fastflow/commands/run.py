@@ -238,6 +238,9 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                            f"(fastflow export --precision)")
     edit = None
     if edit_path is not None:
+        if not spec.is_image:
+            raise UsageFailure(f"--edit takes an image, and model '{spec.name}' does not generate images "
+                               f"(samples of shape {tuple(spec.shape)}); drop --edit, or use --model glyphs")
         if not labels:
             raise UsageFailure("--edit needs --label: the class to edit the image into")
         if not 0 < strength <= 1:
