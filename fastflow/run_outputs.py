@@ -124,22 +124,40 @@ def read_image(path: str, spec):
 FID_MIN_SAMPLES = 200
 
 
-def image_outputs(spec, x, ref, label_list, out: Path, edit, summary: dict) -> dict:
-    """grid.png (every sample, accelerated above all-steps, titled and labelled) and the
-    evaluator's metrics."""
+def picture_outputs(spec, x, ref, label_list, out: Path, edit, summary: dict) -> dict:
+    """grid.png, a picture of every sample beside its all-steps twin, titled and labelled:
+    images and clips (frames left to right) as a sheet, 2-D points as a scatter; nothing
+    for other shapes."""
+    from .demo.sheet import clip_strips, comparison_sheet, points_sheet
 
-    from .demo.metrics import save_image_grid
-    from .demo.sheet import comparison_sheet
-
-    names = spec.label_names or []
-    captions = [names[i] if i < len(names) else str(i) for i in label_list] if label_list is not None else None
     nfe, full = summary["nfe_mean"], summary["nfe_full"]
     title = (f"{spec.name}: policy {summary['policy']}, {nfe:.1f} of {full} evaluations per sample "
              f"({summary['speedup_nfe']:.2f}x fewer)")
     if summary.get("psnr_db") is not None:
         title += f", {summary['psnr_db']:.1f} dB vs all steps"
-    comparison_sheet(str(out / "grid.png"), x, ref, title=title, captions=captions,
-                     row_labels=(f"fastflow {summary['policy']}, {nfe:.1f} NFE", f"all {full} steps"))
+    names = spec.label_names or []
+    captions = [names[i] if i < len(names) else str(i) for i in label_list] if label_list is not None else None
+    rows = (f"fastflow {summary['policy']}, {nfe:.1f} NFE", f"all {full} steps")
+    path = out / "grid.png"
+    if spec.is_image:
+        return {**image_outputs(spec, x, ref, out, edit, title, captions, rows), "picture": "images"}
+    if x.dim() == 5 and x.shape[1] in (1, 3) and spec.data_range == 2.0:  # clips (N, C, frames, H, W)
+        comparison_sheet(str(path), clip_strips(x), None if ref is None else clip_strips(ref),
+                         title=title + f"; each tile: {x.shape[2]} frames, left to right", captions=captions,
+                         row_labels=rows, columns=4)
+        return {"grid": str(path), "picture": "clips"}
+    if x.dim() == 2 and x.shape[1] == 2:  # points in the plane
+        points_sheet(str(path), x, ref, title=title, labels=rows)
+        return {"grid": str(path), "picture": "points"}
+    return {}
+
+
+def image_outputs(spec, x, ref, out: Path, edit, title: str, captions, rows) -> dict:
+    """grid.png for images, and with ``edit`` the input and both outputs apart."""
+    from .demo.metrics import save_image_grid
+    from .demo.sheet import comparison_sheet
+
+    comparison_sheet(str(out / "grid.png"), x, ref, title=title, captions=captions, row_labels=rows)
     result = {"grid": str(out / "grid.png")}
     if edit is not None:
         save_image_grid(edit, str(out / "before.png"), nrow=1)
@@ -207,6 +225,8 @@ def print_summary(s: dict) -> None:
     nfe = f"{s['nfe_mean']:.2f} of {s['nfe_full']}"
     if s.get("nfe_min") is not None and s["nfe_min"] != s["nfe_max"]:
         nfe += f" (min {s['nfe_min']}, max {s['nfe_max']})"
+    if s.get("strength") is not None and s.get("steps") and s["nfe_full"] != s["steps"]:
+        nfe += f" (an edit at strength {s['strength']:g} runs the last {s['nfe_full']} of the {s['steps']} steps)"
     rows = [
         ("model", s.get("model")), ("policy", s.get("policy")), ("backend", s.get("backend", "torch") + (f" ({s['dtype']})" if s.get("dtype") not in (None, "fp32") else "")),
         ("steps", s.get("steps")), ("samples" if "samples" in s else "pipeline calls", s.get("samples", s.get("runs"))),
@@ -219,7 +239,9 @@ def print_summary(s: dict) -> None:
         rows.append(("calibration", f"{s['calibration_samples']} sample(s) with every step computed"
                                     + (f" and {probes} sensitivity probe(s)" if probes > 0 else "")
                                     + f" ({s['calibration_nfe']} evaluations); the rest: "
-                                    + (f"{after:.2f} NFE = {s['nfe_full'] / after:.2f}x" if after else "none")))
+                                    + (f"{after:.2f} NFE = {s['nfe_full'] / after:.2f}x" if after else
+                                       "none: every sample of this run calibrated; a run that keeps its "
+                                       "state starts from what it learned")))
     if s.get("learned"):
         rows.append(("learned", s["learned"]))
     if s.get("wall_seconds") is not None:
@@ -246,8 +268,10 @@ def print_summary(s: dict) -> None:
             rows.append(("speed-up (wall)", s["speedup_wall_note"]))
         rows.append(("PSNR vs all steps", "identical" if p is None else f"{p:.2f} dB (same seeds, every step computed)"))
         if s.get("max_abs_error") is not None:
-            rows.append(("max abs error", f"{s['max_abs_error']:.3g}" + (
-                " (largest pixel difference; images span -1..1)" if s.get("grid") else " (largest element difference)")))
+            rows.append(("max abs error", f"{s['max_abs_error']:.3g}" + {
+                "images": " (largest pixel difference; images span -1..1)",
+                "clips": " (largest pixel difference; frames span -1..1)",
+                "points": " (largest coordinate difference)"}.get(s.get("picture"), " (largest element difference)")))
     if s.get("class_accuracy") is not None:
         rows.append(("class accuracy", f"{s['class_accuracy']:.3f}" + (
             f" (all steps: {s['class_accuracy_reference']:.3f})" if "class_accuracy_reference" in s else "")

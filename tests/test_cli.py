@@ -380,3 +380,26 @@ def test_models_and_pipelines_report_in_one_summary_schema(tmp_path):
         assert s["speedup_nfe"] == s["nfe_full"] / s["nfe_mean"]
     assert model["nfe_per_sample"] == [11] * 8 and model["nfe_full"] == 20  # 2 warm-up + 9 of the 18 skippable
     assert pipe["nfe_per_sample"] == [5, 5] and pipe["nfe_full"] == 8  # one call, two glyphs, the same schedule
+
+
+def test_clips_and_points_get_a_picture_too(tmp_path):
+    """grid.png for the clip model (each clip as its frames in a row, a white line between
+    them) and for the GMM (a scatter of the points beside their all-steps twins)."""
+    from PIL import Image
+
+    clips = invoke("run", "--model", "clips", "--samples", "4", "--steps", "10", "--out", str(tmp_path / "c"), "--json")
+    assert clips.exit_code == 0, clips.output
+    s = json.loads(clips.stdout)
+    assert s["picture"] == "clips" and s["grid"] == str(tmp_path / "c" / "grid.png")
+    with Image.open(s["grid"]) as im:
+        im = im.convert("RGB")
+        strip = (8 * 16 + 7) * 2  # 8 frames of 16 px and 7 one-px lines, at scale 2
+        assert im.width >= 150 + 4 * (strip + 4) + 4 and im.height == 30 + 2 * (32 + 4) + 18 + 4 + 4
+        for row in (31, 31 + 36):  # the accelerated row, then the all-steps row
+            assert im.getpixel((150 + 32, row + 5)) == (255, 255, 255)  # the line after frame 1
+            assert im.getpixel((150 + 10, row + 5)) != (255, 255, 255)  # inside frame 1
+    points = invoke("run", "--model", "gmm", "--samples", "8", "--out", str(tmp_path / "g"))
+    assert points.exit_code == 0, points.output
+    assert "(largest coordinate difference)" in points.output
+    with Image.open(tmp_path / "g" / "grid.png") as im:
+        assert im.width >= 520 and im.height == 520 + 56

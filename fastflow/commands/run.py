@@ -16,7 +16,7 @@ from ..errors import FastFlowError, UsageFailure
 from ..modelspec import DEFAULT_MODEL, label_index
 from ..precision import at_precision
 from ..state import check_writable, user_cache_dir
-from ..run_outputs import (NullStream, check_out, clear_outputs, image_outputs, load_reference, model_metrics,
+from ..run_outputs import (NullStream, check_out, clear_outputs, picture_outputs, load_reference, model_metrics,
                            print_summary, read_image, reference_path, save_tensor, store_reference, warm_up)
 from .options import RegistryOption, parse_options, state_option
 
@@ -95,7 +95,8 @@ def run(model_name, backend, policy, options, steps, solver, shift, samples, bat
     With --compare (the default) the same seeds are also run with every step computed
     (cached in $XDG_CACHE_HOME/fastflow: it is deterministic), and the summary gives the
     PSNR and max abs error between the two outputs. grid.png shows every sample above
-    its all-steps twin. Progress goes to stderr, so --json output stays clean.
+    its all-steps twin (a clip as its frames in a row; the GMM's points as a scatter).
+    Progress goes to stderr, so --json output stays clean.
     """
     options = parse_options(options)
     state_path = state_option(options, state_path, no_state)
@@ -364,6 +365,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
         "batch_size": batch_size,
         "seed": seed,
         "guidance": guidance,
+        **({"strength": strength} if edit is not None else {}),  # an edit runs the schedule's tail
         **cost(pol, nfe_per_sample, steps_run, model_calls=evals, calibration_samples=cal,
                wall_seconds=wall["policy"]),
         "backend_warmup_seconds": warmup_seconds,  # loading, compiling: before any timed evaluation
@@ -386,8 +388,7 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
                                   timings=[(rw, pw, rn, pn, b) for (pw, pn, b), (rw, rn, _)
                                            in zip(timings["policy"], timings.get("reference", []))]))
         summary["reference_cached"] = cached_ref is not None
-    if spec.is_image:
-        summary.update(image_outputs(spec, x, ref if compare else None, label_list, out, edit, summary))
+    summary.update(picture_outputs(spec, x, ref if compare else None, label_list, out, edit, summary))
     summary.update(model_metrics(spec, x, ref if compare else None, label_list))
     return write_summary(out, summary, state=state_path, state_note=state_note)
 

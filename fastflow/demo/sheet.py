@@ -36,7 +36,8 @@ def comparison_sheet(path: str, samples, reference=None, *, title: str, row_labe
     pad, label_w, cap_h, title_h = 4, 150, 18, 30
     rows_per_group = 2 if ref is not None else 1
     group_h = rows_per_group * (th + pad) + cap_h + pad
-    width = label_w + cols * (tw + pad) + pad
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font))
+    width = max(label_w + cols * (tw + pad) + pad, title_w + 2 * pad)  # a narrow sheet keeps its whole title
     height = title_h + groups * group_h + pad
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -60,4 +61,66 @@ def comparison_sheet(path: str, samples, reference=None, *, title: str, row_labe
                     cx = label_w + c * (tw + pad) + tw // 2
                     draw.text((cx, y + 1), captions[i], fill=(0, 0, 0), font=small, anchor="mt")
     sheet.save(path)
+    return path
+
+
+def clip_strips(clips, gap: int = 1):
+    """Clips (N, C, F, H, W) in [-1, 1] → images (N, C, H, F·(W + gap) − gap): the frames
+    left to right, a white line between them, so a clip reads as one tile of a sheet."""
+    import torch
+
+    n, c, f, h, w = clips.shape
+    frames = clips.detach().cpu().float()
+    line = torch.ones(n, c, h, gap)
+    parts = []
+    for i in range(f):
+        parts.append(frames[:, :, i])
+        if i < f - 1:
+            parts.append(line)
+    return torch.cat(parts, dim=3)
+
+
+def points_sheet(path: str, samples, reference=None, *, title: str, labels: tuple[str, str],
+                 size: int = 520) -> str:
+    """Write ``path``: 2-D samples as dots (blue) and their all-steps twins (grey), a
+    line joining each pair, axes through the origin, the title and a legend."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pts = np.asarray(samples.detach().cpu().float())
+    ref = np.asarray(reference.detach().cpu().float()) if reference is not None else None
+    both = pts if ref is None else np.concatenate([pts, ref])
+    span = float(np.abs(both).max()) * 1.1 or 1.0
+    top, margin = 56, 24
+    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=12)
+    width = max(size, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 2 * margin)
+    left = (width - size) // 2  # the square plot, centred under a wider title
+    img = Image.new("RGB", (width, size + top), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((margin, 8), title, fill=(0, 0, 0), font=font)
+
+    def xy(p):
+        half = (size - 2 * margin) / 2
+        return left + margin + half + p[0] / span * half, top + margin + half - p[1] / span * half
+
+    o = xy((0.0, 0.0))
+    draw.line([(left + margin, o[1]), (left + size - margin, o[1])], fill=(225, 225, 225))
+    draw.line([(o[0], top + margin), (o[0], size + top - margin)], fill=(225, 225, 225))
+    blue, grey = (31, 90, 200), (150, 150, 150)
+    if ref is not None:
+        for a, b in zip(pts, ref):
+            draw.line([xy(a), xy(b)], fill=(230, 120, 120))
+        for b in ref:
+            x, y = xy(b)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=grey)
+    for a in pts:
+        x, y = xy(a)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=blue)
+    legend = [(blue, labels[0])] + ([(grey, labels[1]), ((230, 120, 120), "a line joins each pair (same seed)")]
+                                     if ref is not None else [])
+    x = margin
+    for colour, text in legend:
+        draw.rectangle([x, 33, x + 8, 41], fill=colour)
+        draw.text((x + 12, 31), text, fill=(60, 60, 60), font=small)
+        x += 20 + int(draw.textlength(text, font=small))
+    img.save(path)
     return path
