@@ -460,8 +460,12 @@ def _plots(result: dict, out_dir: Path) -> None:
                         linestyle="-" if ours else "--")
             for r in rows:
                 if r[key] >= cap:
-                    ax.annotate("identical to all steps", (r["nfe"], cap), textcoords="offset points",
-                                xytext=(-60, -12), fontsize=7)
+                    ax.annotate(f"identical to all steps (drawn at {cap:.0f})", (r["nfe"], cap),
+                                textcoords="offset points", xytext=(-100, -12), fontsize=7)
+                state = next((w for w in ("cold", "warm") if f"-{w}" in r["method"]), None)
+                if state:  # a learning policy's two points: which is which
+                    ax.annotate(state, (r["nfe"], min(r[key], cap)), textcoords="offset points",
+                                xytext=(5, 3), fontsize=7, color=colour)
     for ax, title in zip(axes, ("PSNR vs full-step Euler output (dB)", "PSNR vs high-accuracy ODE solution (dB)")):
         ax.set_xlabel("model evaluations per sample (NFE)")
         ax.set_title(title)

@@ -102,7 +102,8 @@ def comparison(x, ref, data_range: float | None, *, speedup_nfe: float | None, w
     p = psnr(x, ref, data_range)
     out: dict[str, Any] = {"psnr_db": p if math.isfinite(p) else None, "max_abs_error": max_abs_error(x, ref)}
     if reference_wall_seconds is None:
-        out["speedup_wall_note"] = "not measured: the all-steps reference came from the cache"
+        out.update(speedup_wall=None, reference_wall_seconds=None,  # the keys stay, for scripts
+                   speedup_wall_note="not measured: the all-steps reference came from the cache")
         return out
     speedup = reference_wall_seconds / wall_seconds if wall_seconds > 0 else None
     out.update({"reference_wall_seconds": reference_wall_seconds, "speedup_wall": speedup})

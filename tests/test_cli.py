@@ -136,6 +136,7 @@ def test_state_and_option_misuse_exits_2(tmp_path, args, needle):
     (["--policy", "ucb", "--option", "tolerance=-1"], "option tolerance must be a finite number > 0, got '-1'"),
     (["--policy", "ucb", "--option", "arms=a,b"], "option arms must be a comma-separated list of integers >= 0"),
     (["--edit", "any.png", "--label", "mode1"], "--edit takes an image, and model 'gmm' does not generate images"),
+    (["--model", "./no-such-export"], "--model ./no-such-export: no such folder"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, no_entry_points, args, needle):
     result = invoke("run", "--model", "gmm", "--samples", "2", "--out", str(tmp_path), *args)

@@ -231,6 +231,13 @@ def _run(model_name, backend_name, policy_name, options, steps, solver, shift, s
             raise UsageFailure(f"{model_name} is a {export.runtime_backend} export; use --backend "
                                f"{export.runtime_backend} (or leave --backend out)")
     else:
+        import os
+
+        looks_like_path = os.sep in model_name or model_name.startswith((".", "~"))
+        if looks_like_path and not os.path.isdir(os.path.expanduser(model_name)):
+            raise UsageFailure(f"--model {model_name}: no such folder. --model takes a registered model name "
+                               f"(the choices in fastflow run --help), a folder made by fastflow export, a "
+                               f"folder of glyph-model weights, or a diffusers pipeline folder (with --prompt)")
         spec = resolve_model(model_name)
     lowered = dtype not in (None, "fp32")  # the network computes in bf16/fp16
     if lowered and (export is not None or backend_name not in ("torch", "torch-compile")):
