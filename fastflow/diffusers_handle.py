@@ -553,7 +553,8 @@ class FastFlowHandle:
         return c.ctl
 
     def _reached_end(self, c: _Call | None) -> bool:
-        return c is not None and not c.passthrough and c.T >= 1 and c.cur_k == c.T - 1 and not c.step_skipped
+        # the last step was entered: computed, or extrapolated by a policy that may (skip_last)
+        return c is not None and not c.passthrough and c.T >= 1 and c.cur_k == c.T - 1
 
     def _finish_call(self, c: _Call | None, complete: bool) -> None:
         if c is None or c.closed:

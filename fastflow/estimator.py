@@ -115,9 +115,10 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
                budget: int = 1 << 22) -> tuple[Any, Any]:
     """Many skip runs of one full trajectory at once. Each run (p, c, k, e) extrapolates
     steps k..e−1 from the true velocities at p < c, and the model is consulted again at
-    e < len(vs). Returns two float64 tensors of shape (runs, rows) on the device: per row,
-    the mean square of the run's error in the state (:func:`state_error`) and
-    MSE(v̂_e, v_e), the error a policy can measure when the run ends.
+    e < len(vs) (or e = len(vs): the run reaches the end, nothing consults it). Returns two
+    float64 tensors of shape (runs, rows) on the device: per row, the mean square of the
+    run's error in the state (:func:`state_error`) and MSE(v̂_e, v_e), the error a policy
+    can measure when the run ends (NaN for a run that reaches the end).
 
     Both errors are linear in a few vectors of the trajectory: with P_i = Σ_{j<i} h_j v_j,
     E = α·v_c − β·v_p − P_e + P_k and v_e − v̂_e = v_e − (1 + γ)·v_c + γ·v_p (α, β, γ
@@ -131,9 +132,9 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
     import torch
 
     T = len(vs)
-    bad = [r for r in runs if not (0 <= r[0] < r[1] < r[2] < r[3] < T)]
+    bad = [r for r in runs if not (0 <= r[0] < r[1] < r[2] < r[3] <= T)]
     if bad:
-        raise ValueError(f"run {bad[0]} is not (p, c, k, e) with p < c < k < e < {T}")
+        raise ValueError(f"run {bad[0]} is not (p, c, k, e) with p < c < k < e <= {T}")
     rows = vs[0].shape[0] if vs[0].dim() else 1
     flat = torch.stack([v.reshape(rows, -1) for v in vs], 1)  # (rows, T, features)
     dev = flat.device
@@ -156,7 +157,7 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
         empty = torch.zeros(0, rows, **f64)
         return empty.to(dev), empty.to(dev)
     p, c, k, e = torch.tensor(runs, dtype=torch.long, device=flat.device).unbind(1)
-    t = torch.tensor(ts[:T], **f64)
+    t = torch.tensor(ts[:T + 1], **f64)
     cum = torch.cat([torch.zeros(1, **f64), h.cumsum(0)])
     tcum = torch.cat([torch.zeros(1, **f64), (h * t[:T]).cumsum(0)])
     gap = t[c] - t[p]
@@ -164,7 +165,8 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
     ones = torch.ones(n, **f64)
     state = _quadratic(gram, [(c, dH + B / gap), (p, -B / gap), (T + e, -ones), (T + k, ones)])
     gamma = (t[e] - t[c]) / gap
-    nxt = _quadratic(gram, [(e, ones), (c, -(1 + gamma)), (p, gamma)])
+    nxt = _quadratic(gram, [(e.clamp(max=T - 1), ones), (c, -(1 + gamma)), (p, gamma)])
+    nxt[e == T] = float("nan")  # the run reaches the end: no velocity there to compare with
     return state.div_(features).to(dev), nxt.div_(features).to(dev)
 
 

@@ -167,11 +167,14 @@ class Policy:
       one instead of the extrapolation (no evaluation added; ``estimator.run_correction``).
       Default true (the paper's ``ucb-paper``: false).
 
-    The last step of the schedule is always computed, so the final velocity is the
-    model's and every decision is followed by a true evaluation.
+    The last step of the schedule is computed (so every decision is followed by a true
+    evaluation) unless the policy sets ``skip_last``: then a run may extrapolate to the
+    end, and nothing measures it afterwards, so only a policy that prices such a run from
+    its calibration should (``ucb``).
     """
 
     name = "base"
+    skip_last = False  # whether a skip run may reach the end of the schedule
 
     def __init__(self, *, window_start: float = 0.0, window_end: float = 1.0, warmup: int = 2, correct=True):
         self.window_start = opt_float("window_start", window_start, lo=0.0, hi=1.0)
@@ -190,7 +193,7 @@ class Policy:
         if cached is not None:
             return cached
         lo = max(self.warmup, _ceil(self.window_start * steps))
-        hi = min(steps - 1, _ceil(self.window_end * steps))  # last step always computed
+        hi = min(steps - (0 if self.skip_last else 1), _ceil(self.window_end * steps))
         lengths = [0] * (steps + 1)
         for k in range(hi - 1, lo - 1, -1):
             lengths[k] = lengths[k + 1] + 1

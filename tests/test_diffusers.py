@@ -880,3 +880,20 @@ def test_per_sample_decisions_cut_nested_inputs_and_name_what_they_cannot():
     with pytest.raises(fastflow.FastFlowError, match="per_sample=false"):
         pipe(noise, _uniform(12), cond=cond, box=Box(uncond))
     fastflow.disable(pipe)
+
+
+def test_a_run_that_reaches_the_end_completes_the_call():
+    """ucb with skip_last may extrapolate a pipeline call's last steps: the call still ends
+    complete (at diffusers' end-of-call reset) and its output is finite."""
+    pipe = _pipe("flux")
+    ref = _run(pipe, "flux")
+    policy = fastflow.get_policy("ucb", tolerance=1.0, skip_last=True)
+    handle = fastflow.enable(pipe, policy)
+    try:
+        for seed in range(3):
+            out = _run(pipe, "flux", seed=seed)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert all(c.complete for c in handle.calls)
+        assert not handle.calls[-1].trace[-1].computed  # the last step extrapolated
+    finally:
+        fastflow.disable(pipe)

@@ -70,5 +70,15 @@ def test_a_run_out_of_order_is_an_error_naming_it():
     vs, ts = [torch.zeros(1, 4)] * 6, timesteps(6)
     with pytest.raises(ValueError, match=r"run \(2, 1, 3, 4\)"):
         estimator.run_errors(vs, ts, [(0, 1, 2, 3), (2, 1, 3, 4)])
-    with pytest.raises(ValueError, match="< 6"):
-        estimator.run_errors(vs, ts, [(0, 1, 2, 6)])
+    with pytest.raises(ValueError, match="<= 6"):
+        estimator.run_errors(vs, ts, [(0, 1, 2, 7)])
+
+
+def test_a_run_to_the_end_has_its_state_error_and_no_next_error():
+    g = torch.Generator().manual_seed(3)
+    T, ts = 10, timesteps(10)
+    vs = [torch.randn(2, 8, generator=g) for _ in range(T)]
+    state, nxt = estimator.run_errors(vs, ts, [(6, 7, 8, 10), (5, 6, 7, 9)])
+    E = estimator.state_error(vs, ts, 6, 7, 8, 10).double().square().mean(1)
+    torch.testing.assert_close(state[0], E, rtol=1e-5, atol=0)
+    assert torch.isnan(nxt[0]).all() and torch.isfinite(nxt[1]).all()

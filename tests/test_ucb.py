@@ -42,6 +42,30 @@ def test_straight_flow_rewards_are_exactly_the_steps_skipped_and_calibration_cos
     assert pol.greedy_path() == [0, 1, 10, 19] and "computes 4 of 20 steps" in pol.learned()
 
 
+def test_with_skip_last_a_run_may_reach_the_end_priced_by_the_calibration():
+    # v = a + b·t again (every extrapolation exact), arms 0 and 9 on 20 steps: after 0, 1
+    # and 11, a run of 8 reaches the end. Nothing measures it; its calibrated mean (8
+    # skipped, no error) is pulled once more per row, so its bandit keeps learning
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    noise = torch.zeros(4, 2)
+    pol = fastflow.get_policy("ucb", arms="0,9", skip_last=True)
+    out = fastflow.sample(linear_velocity(a, b), noise, steps=20, policy=pol, model_key="line-end")
+    from fastflow.schedule import timesteps
+
+    ts = timesteps(20)
+    exact = noise + sum((t1 - t0) * (a + b * t0) for t0, t1 in zip(ts, ts[1:]))
+    assert [s.k for s in out.trace if s.computed] == [0, 1, 11] and out.nfe_per_sample[1:] == [3, 3, 3]
+    torch.testing.assert_close(out.x, exact.expand(4, 2), rtol=0, atol=1e-5)
+    end = pol.bandit(12, 1)  # at step 12, after computed steps 1 and 11
+    arm9 = pol.arms.index(9)
+    assert end.counts[arm9] == 1 + 3 and end.sums[arm9] == pytest.approx(4 * 8.0, abs=1e-5)  # prior + 3 rows
+    assert pol.greedy_path() == [0, 1, 11]
+    kept = fastflow.get_policy("ucb", arms="0,9")  # the default, the paper's rule: the last step computed
+    out = fastflow.sample(linear_velocity(a, b), noise, steps=20, policy=kept, model_key="line-end")
+    assert [s.k for s in out.trace if s.computed] == [0, 1, 11, 19] and out.nfe_per_sample[1:] == [4, 4, 4]
+    assert fastflow.get_policy("fixed").run_lengths(20)[19] == 0  # other policies: the last step computed
+
+
 def test_costly_flow_teaches_short_skips():
     # a velocity that turns fast in t: extrapolating even one step is far off
     def wiggle(x, t):
