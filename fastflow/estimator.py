@@ -127,8 +127,9 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
     error sum to 0): one matrix product over the features (float64, in pieces of about
     ``budget`` elements; on the CPU where the device has no float64), then a few scalars
     per run. The forms cancel: an error 1e-11 of the velocities' mean square comes out
-    to about 1e-5 of itself (tests/test_estimator.py), far below anything a policy prices. A calibration prices its few thousand (step, history,
-    arm) cells in about a millisecond, and the cost does not grow with the runs."""
+    to about 1e-5 of itself (tests/test_estimator.py), far below anything a policy
+    prices. A calibration prices its few thousand (step, history, arm) cells in about a
+    millisecond, and the cost does not grow with the runs. No runs: two empty tensors."""
     import torch
 
     T = len(vs)
@@ -136,6 +137,9 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
     if bad:
         raise ValueError(f"run {bad[0]} is not (p, c, k, e) with p < c < k < e <= {T}")
     rows = vs[0].shape[0] if vs[0].dim() else 1
+    if not runs:
+        empty = torch.zeros(0, rows, dtype=torch.float64, device=vs[0].device)
+        return empty, empty.clone()
     flat = torch.stack([v.reshape(rows, -1) for v in vs], 1)  # (rows, T, features)
     dev = flat.device
     if dev.type == "mps":  # no float64 there
@@ -153,9 +157,6 @@ def run_errors(vs: list[Any], ts: list[float], runs: list[tuple[int, int, int, i
         Z = torch.cat([V, prefix @ V], 1)  # changes neither, and centred the forms round less
         gram.add_(Z @ Z.transpose(1, 2))
     n = len(runs)
-    if not n:
-        empty = torch.zeros(0, rows, **f64)
-        return empty.to(dev), empty.to(dev)
     p, c, k, e = torch.tensor(runs, dtype=torch.long, device=flat.device).unbind(1)
     t = torch.tensor(ts[:T + 1], **f64)
     cum = torch.cat([torch.zeros(1, **f64), h.cumsum(0)])

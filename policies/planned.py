@@ -58,8 +58,8 @@ def run_costs(vs, ts, max_skip: int, sensitivity: list[float] | None = None) -> 
     # skipping c+1..c+L (the last step is always computed), consulted again at c + L + 1
     keys = [(p, c, L) for c in range(1, T - 1) for p in range(max(0, c - max_skip - 1), c)
             for L in range(1, min(max_skip, T - 2 - c) + 1)]
-    values = (estimator.run_errors(vs, ts, [(p, c, c + 1, c + L + 1) for p, c, L in keys])[0].mean(1).tolist()
-              if keys else [])  # one transfer
+    runs = [(p, c, c + 1, c + L + 1) for p, c, L in keys]
+    values = estimator.run_errors(vs, ts, runs)[0].mean(1).tolist()  # one transfer
     if sensitivity is not None:
         values = [v * sensitivity[c + L + 1] for (p, c, L), v in zip(keys, values)]
     return dict(zip(keys, values))

@@ -215,9 +215,9 @@ class UCBPolicy(BanditPolicy):
                         cells.append((index, arm, n, run_weight(ts, ts[p], ts[c], k, n), self.sensitivity[k + n]
                                       if self.sensitivity else 1.0))
                         runs.append((p, c, k, k + n))
-        rows = vs[0].shape[0] if vs[0].dim() else 1
         # (cells, rows) each: the run's E² in the state, and the MSE at k + n it is measured by
-        actual, errs = estimator.run_errors(vs, ts, runs) if runs else (vs[0].new_zeros(0), vs[0].new_zeros(0))
+        actual, errs = estimator.run_errors(vs, ts, runs)
+        rows = errs.shape[1]
         scale_t = torch.stack([v.float().square().mean() for v in vs]).mean()
         host = torch.cat([scale_t.reshape(1).double(), errs.double().flatten(),
                           actual.double().flatten()]).tolist()  # one transfer
