@@ -247,6 +247,9 @@ class UCBPolicy(BanditPolicy):
 
     # -- state ------------------------------------------------------------------------------
     def _check_stored(self, data, path):
+        stored = data.get("options")
+        if isinstance(stored, dict) and "skip_last" not in stored:  # saved before the option: the last
+            data = {**data, "options": {**stored, "skip_last": False}}  # step was always computed
         if "mu" in data and "scale" not in data:
             from fastflow.errors import StateFileError
 

@@ -66,6 +66,21 @@ def test_with_skip_last_a_run_may_reach_the_end_priced_by_the_calibration():
     assert fastflow.get_policy("fixed").run_lengths(20)[19] == 0  # other policies: the last step computed
 
 
+def test_a_state_saved_before_skip_last_existed_is_refused_by_skip_last(tmp_path):
+    # its bandits hold no prior for runs that reach the end (they were never allowed)
+    path = tmp_path / "ucb.json"
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    pol = fastflow.get_policy("ucb", state=str(path))
+    fastflow.sample(linear_velocity(a, b), torch.zeros(2, 2), steps=20, policy=pol, model_key="old")
+    pol.save()
+    data = json.loads(path.read_text())
+    del data["options"]["skip_last"]
+    path.write_text(json.dumps(data))
+    fastflow.get_policy("ucb", state=str(path))  # the default reads it as before
+    with pytest.raises(StateFileError, match="skip_last=False"):
+        fastflow.get_policy("ucb", state=str(path), skip_last=True)
+
+
 def test_costly_flow_teaches_short_skips():
     # a velocity that turns fast in t: extrapolating even one step is far off
     def wiggle(x, t):
